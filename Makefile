@@ -1,0 +1,34 @@
+# One entry point for set-up, the demo and the tests. Each target does its own set-up on a
+# fresh machine: a virtual environment in .venv, CPU torch 2.13.0 first (an unpinned torch
+# would pull the CUDA build), then this package with its test extra.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sppo.driver
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
+	$(PY) bench/judge.py
+	$(PY) bench/train.py
+	$(PY) bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Cluster-level pieces: placement by node labels, pool sizing, the FastAPI control service."""

@@ -1,0 +1,467 @@
+"""Typed configuration: one frozen dataclass per component, loaded from YAML.
+
+`load_config(path, overrides)` reads a YAML file, applies `a.b.c=value` overrides (values are
+parsed as YAML scalars, so `3`, `0.5`, `true` and `null` get their natural types), builds the
+dataclasses with strict type checks (unknown keys and wrong types are errors) and runs the one
+`validate()` that checks values. Every error names the dotted field and the offending value;
+all problems are collected and reported together so a user fixes a config in one pass.
+
+Deliberately not here: anything that needs the cluster (resource checks against live nodes
+live in the driver) or the filesystem beyond reading the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "SamplingConfig",
+    "GeneratorConfig",
+    "JudgeConfig",
+    "TrainerConfig",
+    "PoolConfig",
+    "PoolsConfig",
+    "WeightSyncConfig",
+    "ServiceConfig",
+    "RunConfig",
+    "Config",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "dump_yaml",
+    "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem. `problems` lists (dotted field, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  {name}: {msg}" for name, msg in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The policy. `path` is a Hugging Face model directory or hub id; `builtin:tiny-llama`
+    builds (once, cached under `cache_dir`) the tiny Llama-style model used by the demo."""
+
+    path: str = "builtin:tiny-llama"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str = "~/.cache/sppo-ray"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompt source. `path` is a local .jsonl/.json/.parquet file or a dataset name."""
+
+    path: str = "data/demo_prompts.jsonl"
+    split: str = "train"
+    prompt_column: str = "prompt"
+    # When set, the column holds chat messages ([{role, content}, ...]); the prompt is rendered
+    # with the tokenizer's chat template instead of wrapping `prompt_column` as one user turn.
+    messages_column: Optional[str] = None
+    id_column: Optional[str] = None
+    max_prompt_length: int = 512  # tokens, after the chat template
+    use_chat_template: bool = True
+    # Held-out prompts for evaluation, taken before the round shards.
+    eval_prompts: int = 0
+    # Cap on training prompts (after held-out), e.g. for smoke runs; null = all.
+    max_prompts: Optional[int] = None
+    seed: int = 0
+    on_bad_row: Literal["skip", "error"] = "skip"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How K responses per prompt are drawn (paper: K=5, temperature 0.7, top_p 0.9)."""
+
+    k: int = 5
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+    seed: int = 0
+    # Also return the summed log-prob of the sampled tokens (needed by trainer.reference=sampled).
+    return_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Inference engine inside each generator actor."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    # vLLM only.
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Preference model. `pairrm`: llm-blender's PairRM from `model_path` (dir or hub id) with an
+    optional local `backbone`; `reward_model`: a sequence-classification RM at `model_path`;
+    `python`: `function` is a dotted path `module:callable` or `module.callable`."""
+
+    backend: Literal["pairrm", "reward_model", "python"] = "python"
+    model_path: Optional[str] = None
+    backbone: Optional[str] = None
+    function: Optional[str] = None
+    # What `function` returns for (prompt, a, b): a probability that a beats b, or a logit.
+    function_returns: Literal["probability", "logit"] = "probability"
+    batch_size: int = 32  # ordered pairs per forward pass
+    preference: Literal["direct", "bt_scores"] = "direct"
+    source_max_length: int = 1224  # PairRM's defaults
+    candidate_max_length: int = 412
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    loss: Literal["sppo", "sppo_hard", "dpo", "ipo"] = "sppo"
+    selection: Literal["pair", "all"] = "pair"
+    eta: float = 1000.0  # 1 / beta of the paper
+    beta: float = 0.1  # dpo / ipo only
+    reference: Literal["frozen", "sampled"] = "frozen"
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    # The schedule's horizon in epochs, separate from the epochs actually trained: the
+    # published runs set an 18-epoch schedule and stop after 1.
+    schedule_epochs: float = 18.0
+    epochs: int = 1
+    global_batch_size: int = 64  # training rows per optimizer step, all ranks together
+    micro_batch_size: int = 1  # rows per rank per forward pass
+    max_grad_norm: float = 1.0
+    max_length: int = 1024  # prompt + response tokens
+    mixed_precision: Literal["auto", "bf16", "none"] = "auto"
+    activation_checkpointing: bool = False
+    stream_buffer: int = 256  # bounded buffer of annotated rows between judges and trainer
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One actor pool's size and per-actor resources."""
+
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 4
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    tensor_parallel_size: int = 1  # generators with vLLM only
+    batch_size: int = 8  # prompts per request to one actor
+    max_in_flight: int = 2  # requests queued on one actor at once
+    max_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    generator: PoolConfig = field(default_factory=PoolConfig)
+    judge: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    """How trained weights reach the generators after each round."""
+
+    method: Literal["auto", "collective", "vllm", "object_store"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    bucket_mb: float = 64.0
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The FastAPI control service."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_env: str = "SPPO_API_TOKEN"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "sppo"
+    output_dir: str = "runs"
+    rounds: int = 3
+    seed: int = 0
+    # Ray address; null = the cluster this job was submitted to, else a new local one.
+    ray_address: Optional[str] = None
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        """Check values; raise one ConfigError listing every problem. Returns self."""
+        problems = _check_values(self)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _check_values(cfg: Config) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+
+    def need(ok: bool, name: str, value: Any, why: str) -> None:
+        if not ok:
+            out.append((name, f"{why} (got {value!r})"))
+
+    s, t, d, j, r = cfg.sampling, cfg.trainer, cfg.data, cfg.judge, cfg.run
+    need(s.k >= 2, "sampling.k", s.k, "must be >= 2: SPPO compares responses pairwise")
+    need(s.temperature >= 0, "sampling.temperature", s.temperature, "must be >= 0")
+    need(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "must be in (0, 1]")
+    need(s.max_new_tokens > 0, "sampling.max_new_tokens", s.max_new_tokens, "must be > 0")
+
+    need(d.max_prompt_length > 0, "data.max_prompt_length", d.max_prompt_length, "must be > 0")
+    need(d.eval_prompts >= 0, "data.eval_prompts", d.eval_prompts, "must be >= 0")
+    need(d.max_prompts is None or d.max_prompts > 0, "data.max_prompts", d.max_prompts,
+         "must be > 0 or null")
+    need(bool(d.path), "data.path", d.path, "must not be empty")
+    need(bool(d.prompt_column) or bool(d.messages_column), "data.prompt_column", d.prompt_column,
+         "set prompt_column or messages_column")
+
+    need(bool(cfg.model.path), "model.path", cfg.model.path, "must not be empty")
+
+    if j.backend == "python":
+        need(bool(j.function), "judge.function", j.function,
+             "required when judge.backend is 'python'")
+    else:
+        need(bool(j.model_path), "judge.model_path", j.model_path,
+             f"required when judge.backend is {j.backend!r}")
+    need(j.batch_size > 0, "judge.batch_size", j.batch_size, "must be > 0")
+    need(j.source_max_length > 0, "judge.source_max_length", j.source_max_length, "must be > 0")
+    need(j.candidate_max_length > 0, "judge.candidate_max_length", j.candidate_max_length,
+         "must be > 0")
+
+    need(t.num_workers > 0, "trainer.num_workers", t.num_workers, "must be > 0")
+    need(t.eta > 0, "trainer.eta", t.eta, "must be > 0 (eta = 1/beta)")
+    need(t.beta > 0, "trainer.beta", t.beta, "must be > 0")
+    need(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
+    need(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
+    need(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+    need(t.epochs > 0, "trainer.epochs", t.epochs, "must be > 0")
+    need(t.schedule_epochs >= t.epochs, "trainer.schedule_epochs", t.schedule_epochs,
+         f"must be >= trainer.epochs ({t.epochs})")
+    need(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0")
+    need(t.global_batch_size > 0, "trainer.global_batch_size", t.global_batch_size, "must be > 0")
+    if t.global_batch_size > 0 and t.micro_batch_size > 0 and t.num_workers > 0:
+        per_step = t.micro_batch_size * t.num_workers
+        need(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
+             t.global_batch_size,
+             f"must be a multiple of micro_batch_size * num_workers ({per_step})")
+    need(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be > 0")
+    need(t.max_length > 0, "trainer.max_length", t.max_length, "must be > 0")
+    need(t.stream_buffer > 0, "trainer.stream_buffer", t.stream_buffer, "must be > 0")
+    need(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "must be >= 0")
+    if t.reference == "sampled":
+        need(s.return_logprobs, "sampling.return_logprobs", s.return_logprobs,
+             "must be true when trainer.reference is 'sampled'")
+    if t.loss in ("dpo", "ipo", "sppo_hard"):
+        need(t.selection == "pair", "trainer.selection", t.selection,
+             f"loss {t.loss!r} needs selection 'pair'")
+
+    for name in ("generator", "judge"):
+        p: PoolConfig = getattr(cfg.pools, name)
+        pre = f"pools.{name}"
+        need(p.replicas > 0, f"{pre}.replicas", p.replicas, "must be > 0")
+        need(p.min_replicas > 0, f"{pre}.min_replicas", p.min_replicas, "must be > 0")
+        need(p.min_replicas <= p.replicas <= p.max_replicas, f"{pre}.replicas", p.replicas,
+             f"must be within [min_replicas, max_replicas] = [{p.min_replicas}, {p.max_replicas}]")
+        need(p.num_cpus >= 0, f"{pre}.num_cpus", p.num_cpus, "must be >= 0")
+        need(p.num_gpus >= 0, f"{pre}.num_gpus", p.num_gpus, "must be >= 0")
+        need(p.tensor_parallel_size > 0, f"{pre}.tensor_parallel_size", p.tensor_parallel_size,
+             "must be > 0")
+        need(p.batch_size > 0, f"{pre}.batch_size", p.batch_size, "must be > 0")
+        need(p.max_in_flight > 0, f"{pre}.max_in_flight", p.max_in_flight, "must be > 0")
+        need(p.max_restarts >= 0, f"{pre}.max_restarts", p.max_restarts, "must be >= 0")
+    if cfg.generator.backend == "vllm":
+        need(cfg.pools.generator.num_gpus > 0 or cfg.pools.generator.tensor_parallel_size > 1,
+             "pools.generator.num_gpus", cfg.pools.generator.num_gpus,
+             "the vllm backend needs GPUs")
+    need(0 < cfg.generator.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization",
+         cfg.generator.gpu_memory_utilization, "must be in (0, 1]")
+
+    w = cfg.weight_sync
+    need(w.bucket_mb > 0, "weight_sync.bucket_mb", w.bucket_mb, "must be > 0")
+    need(w.timeout_s > 0, "weight_sync.timeout_s", w.timeout_s, "must be > 0")
+    if w.method == "vllm":
+        need(cfg.generator.backend == "vllm", "weight_sync.method", w.method,
+             "needs generator.backend 'vllm'")
+
+    need(0 < cfg.service.port < 65536, "service.port", cfg.service.port, "must be in 1..65535")
+    need(r.rounds > 0, "run.rounds", r.rounds, "must be > 0")
+    need(bool(r.name), "run.name", r.name, "must not be empty")
+    need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str, problems: list[tuple[str, str]]) -> Any:
+    """Check `value` against annotation `tp`; build nested dataclasses. Records problems."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], name, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append((name, f"must be one of {list(choices)} (got {value!r})"))
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name, problems)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append((name, f"expected a number (got {value!r})"))
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append((name, f"expected an integer (got {value!r})"))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append((name, f"expected true or false (got {value!r})"))
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append((name, f"expected a string (got {value!r})"))
+        return value
+    raise TypeError(f"unsupported config annotation {_type_name(tp)} at {name}")
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append((prefix or "<root>", f"expected a mapping (got {data!r})"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            problems.append((where, f"unknown key; valid keys: {sorted(names)}"))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # only reachable on a programming error
+        problems.append((prefix or "<root>", str(exc)))
+        return cls()
+
+
+def from_dict(data: dict[str, Any], validate: bool = True) -> Config:
+    """Build a Config from a nested dict; type problems and value problems are both reported."""
+    problems: list[tuple[str, str]] = []
+    cfg = _build(Config, data, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg.validate() if validate else cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to a nested dict (copied). Values are parsed as YAML."""
+    out = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([(item, "override must look like section.key=value")])
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError([(key, "override key must be dotted names like trainer.lr")])
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError([(key, f"cannot parse value {raw!r}: {exc}")]) from None
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([(key, f"{part!r} is not a section")])
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or defaults when `path` is None), apply overrides, build and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([("--config", f"file not found: {str(p)!r}")])
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError([("--config", f"{str(p)!r} is not valid YAML: {exc}")]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([("--config", f"{str(p)!r} must hold a mapping at top level")])
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)

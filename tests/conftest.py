@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray cluster per test session, and the tiny assets built once.
+
+The Ray cluster is real (`ray.init` of a local head); it declares more logical CPUs than the
+machine has so that pools of several 1-CPU actors plus 2 trainer workers fit on a 2-core CI
+machine (they time-share the cores; nothing here measures speed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny Llama-style model + tokenizer saved with `save_pretrained` (built once)."""
+    from sppo.tiny import ensure_tiny_llama
+
+    return str(ensure_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster shared by the whole session."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=16,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                      "OMP_NUM_THREADS": "1"}},
+        )
+    yield ray
+    ray.shutdown()
