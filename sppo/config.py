@@ -13,6 +13,7 @@ live in the driver) or the filesystem beyond reading the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -339,6 +340,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, name: str, problems: list[tuple[str, str]]) -> Any:
     """Check `value` against annotation `tp`; build nested dataclasses. Records problems."""
     origin = typing.get_origin(tp)
@@ -357,6 +361,9 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[tuple[str, str]]) -> 
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name, problems)
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where `1e-6` and `5e-7` (no dot) are strings.
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append((name, f"expected a number (got {value!r})"))
             return value

@@ -8,8 +8,12 @@ machine (they time-share the cores; nothing here measures speed).
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,13 +33,18 @@ def tiny_llama_dir(tmp_path_factory) -> str:
 def ray_cluster():
     """A real local Ray cluster shared by the whole session."""
     ray = pytest.importorskip("ray")
+    # Test modules define small actor classes; Ray workers import them by module name, so they
+    # need the same test folders on their path that pytest put on ours.
+    paths = [p for p in sys.path if p and Path(p).resolve().is_relative_to(REPO)]
+    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), *paths]))
     if not ray.is_initialized():
         ray.init(
             num_cpus=16,
             include_dashboard=False,
             log_to_driver=True,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                      "OMP_NUM_THREADS": "1"}},
+                                      "OMP_NUM_THREADS": "1",
+                                      "PYTHONPATH": pythonpath}},
         )
     yield ray
     ray.shutdown()

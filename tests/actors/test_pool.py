@@ -1,0 +1,148 @@
+"""Tests of actors/pool.py on a real local Ray cluster with small echo actors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import ray
+
+from actors.pool import ActorPool, NeedsPrepare, PoolCallError
+
+
+class Echo:
+    """Returns its input after `delay` seconds; can be told to fail or to need preparing."""
+
+    def __init__(self, delay: float = 0.05):
+        self.delay = delay
+        self.prepared = False
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def prepare(self):
+        self.prepared = True
+
+    def work(self, x, need_prepared: bool = False):
+        if need_prepared and not self.prepared:
+            raise NeedsPrepare()
+        time.sleep(self.delay)
+        if x == "boom":
+            raise ValueError("bad item boom")
+        return (x, os.getpid())
+
+    def pid(self):
+        return os.getpid()
+
+
+def _factory(delay=0.05, max_restarts=0):
+    return lambda: ray.remote(Echo).options(num_cpus=0.1, max_restarts=max_restarts).remote(delay)
+
+
+def _work(actor, x):
+    return actor.work.remote(x)
+
+
+def test_every_item_once_with_bounded_in_flight(ray_cluster):
+    pool = ActorPool(_factory(), size=3, max_in_flight=2, name="echo")
+    try:
+        for i in range(30):
+            pool.submit(i, _work)
+            assert pool.num_in_flight() <= 3 * 2
+        assert pool.free_slots() == 3 * 2 - 30  # 6 slots, all busy; 24 queued
+        got = pool.drain()
+        assert sorted(item for item, _ in got) == list(range(30))
+        assert all(res[0] == item for item, res in got)
+        assert len({res[1] for _, res in got}) == 3  # work spread over all actors
+        assert pool.num_pending() == 0
+    finally:
+        pool.shutdown()
+
+
+def test_resize_up_and_down_mid_stream_loses_nothing(ray_cluster):
+    pool = ActorPool(_factory(delay=0.02), size=2, max_in_flight=2, name="echo")
+    try:
+        got, submitted = [], 0
+        for step, target in enumerate([4, 1, 3, 2]):
+            for _ in range(10):
+                pool.submit(submitted, _work)
+                submitted += 1
+            got.extend(pool.results(timeout=0.5))
+            pool.resize(target)
+            assert pool.size == target
+        got.extend(pool.drain())
+        items = [item for item, _ in got]
+        assert sorted(items) == list(range(submitted))  # none lost, none duplicated
+        assert len(pool.actors()) == 2
+        time.sleep(0.5)
+        alive = ray.get([a.pid.remote() for a in pool.actors()])
+        assert len(alive) == 2
+    finally:
+        pool.shutdown()
+
+
+def test_method_error_is_reported_not_retried(ray_cluster):
+    pool = ActorPool(_factory(), size=1, max_in_flight=2, name="echo")
+    try:
+        for x in ["a", "boom", "c"]:
+            pool.submit(x, _work)
+        got = dict(pool.drain())
+        assert isinstance(got["boom"], PoolCallError) and "bad item boom" in got["boom"].reason
+        assert got["a"][0] == "a" and got["c"][0] == "c"
+    finally:
+        pool.shutdown()
+
+
+def test_actor_killed_mid_call_is_restarted_and_item_retried(ray_cluster):
+    prepared = []
+
+    def prepare(actor):
+        prepared.append(actor)
+        ray.get(actor.prepare.remote())
+
+    pool = ActorPool(_factory(delay=1.0, max_restarts=2), size=1, max_in_flight=2,
+                     prepare=prepare, name="echo")
+    try:
+        pool.submit("x", _work)
+        pool.submit("y", _work)
+        time.sleep(0.3)
+        ray.kill(pool.actors()[0], no_restart=False)
+        got = dict(pool.drain())
+        assert set(got) == {"x", "y"}
+        assert all(not isinstance(v, PoolCallError) for v in got.values())
+        assert pool.restarts_seen >= 1
+        assert len(prepared) >= 2  # prepared at start, and again after the restart
+    finally:
+        pool.shutdown()
+
+
+def test_actor_dead_for_good_is_replaced(ray_cluster):
+    pool = ActorPool(_factory(delay=1.0, max_restarts=0), size=2, max_in_flight=1, name="echo")
+    try:
+        for i in range(4):
+            pool.submit(i, _work)
+        time.sleep(0.3)
+        ray.kill(pool.actors()[0], no_restart=True)
+        got = dict(pool.drain())
+        assert sorted(got) == [0, 1, 2, 3]
+        assert all(not isinstance(v, PoolCallError) for v in got.values())
+        assert pool.replaced == 1 and pool.size == 2
+    finally:
+        pool.shutdown()
+
+
+def test_needs_prepare_runs_prepare_then_retries(ray_cluster):
+    calls = []
+
+    def prepare(actor):
+        calls.append(1)
+        if len(calls) > 1:  # the first prepare "forgets" to prepare, as a restart would
+            ray.get(actor.prepare.remote())
+
+    pool = ActorPool(_factory(), size=1, max_in_flight=1, prepare=prepare, name="echo")
+    try:
+        pool.submit("z", lambda actor, x: actor.work.remote(x, need_prepared=True))
+        got = dict(pool.drain())
+        assert got["z"][0] == "z"
+        assert len(calls) == 2
+    finally:
+        pool.shutdown()
