@@ -164,7 +164,7 @@ def check_finite(logits) -> Optional[str]:
     logits: (..., K, K).
     """
     l = _as_square(logits)
-    bad = ~torch.isfinite(l)
+    bad = ~torch.isfinite(l) & ~_eye(l)
     n_bad = int(bad.sum())
     if n_bad == 0:
         return None

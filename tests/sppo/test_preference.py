@@ -148,9 +148,9 @@ def test_diagonal_is_ignored(mode):
 def test_direct_mode_is_stable_for_large_logits():
     """l_01 = 40, l_10 = -40: sig(40) + 1 - sig(-40) = 2 - 4e-18, so P01 = 1 - 2e-18 rounds to
     1.0 and P10 = (sig(-40) + sig(-40)) / 2 = sig(-40) = exp(-40) / (1 + exp(-40)) ~ 4.25e-18,
-    which a naive `1 - sigmoid(l_01)` would flush to 0."""
+    whereas a naive `1 - sigmoid(l_01)` rounds to 0 and would halve P10."""
     p = pairwise_probs(torch.tensor([[0.0, 40.0], [-40.0, 0.0]], dtype=torch.float64))
-    assert float(p[1, 0]) == pytest.approx(math.exp(-40) / (1 + math.exp(-40)), rel=1e-12)
+    assert float(p[1, 0]) == pytest.approx(math.exp(-40) / (1 + math.exp(-40)), rel=1e-12, abs=0)
     assert float(p[0, 1]) == 1.0
 
 
