@@ -50,8 +50,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class BadRow:
-    """A row that was not turned into a prompt. `index` counts rows from 0 in file order;
-    `line` is the 1-based line of a JSONL file (None for other sources)."""
+    """A row that was not turned into a prompt. `index` counts rows from 0 in file order (blank
+    JSONL lines are not rows); `line` is the 1-based line of a JSONL file, else None."""
 
     index: int
     id: Optional[str]
@@ -96,16 +96,14 @@ def load_prompts(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Promp
         raise DataError("data.use_chat_template is true but the tokenizer has no chat template; "
                         "set data.use_chat_template=false to use prompts as plain text")
 
-    source, rows, lines, bad = _read_rows(cfg)
+    column = cfg.messages_column if use_messages else cfg.prompt_column
+    needed = [c for c in (column, cfg.id_column) if c]
+    source, rows, lines, bad = _read_rows(cfg, needed)
     if not rows:
         raise DataError(f"{source}: no rows")
-    column = cfg.messages_column if use_messages else cfg.prompt_column
     present = {k for r in rows if r is not None for k in r}
-    for needed in (column, cfg.id_column):
-        # A column absent from every row is one mistake (a wrong name), not N bad rows.
-        if needed and present and needed not in present:
-            raise DataError(f"{source}: column {needed!r} not found in any row; "
-                            f"columns: {sorted(present)}")
+    if present:  # (empty when no JSONL line parsed; those rows are all reported as bad)
+        _check_columns(source, needed, present)
 
     # Render (and collect problems) row by row; tokenize the survivors in batches.
     seen_ids: set[str] = set()
@@ -133,6 +131,7 @@ def load_prompts(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Promp
     # With a chat template the rendered text already holds the special tokens (BOS etc.);
     # letting the tokenizer add them again would duplicate BOS.
     add_special = not cfg.use_chat_template
+    counted = "after the chat template" if cfg.use_chat_template else "as plain text"
     for start in range(0, len(pending), _TOKENIZE_CHUNK):
         chunk = pending[start:start + _TOKENIZE_CHUNK]
         ids = tokenizer([t for _, _, _, t in chunk], add_special_tokens=add_special,
@@ -140,7 +139,7 @@ def load_prompts(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Promp
         for (index, pid, raw, text), token_ids in zip(chunk, ids):
             if len(token_ids) > cfg.max_prompt_length:
                 bad.append(BadRow(index, pid,
-                                  f"prompt is {len(token_ids)} tokens after the chat template, "
+                                  f"prompt is {len(token_ids)} tokens {counted}, "
                                   f"over data.max_prompt_length={cfg.max_prompt_length}",
                                   lines[index]))
             else:
@@ -158,14 +157,23 @@ def load_prompts(cfg: DataConfig, tokenizer: "PreTrainedTokenizerBase") -> Promp
     return result
 
 
-def _read_rows(cfg: DataConfig) -> tuple[str, list, list, list[BadRow]]:
+def _check_columns(source: str, needed: list[str], present) -> None:
+    # A column absent from every row is one mistake (a wrong name), not N bad rows.
+    for name in needed:
+        if name not in present:
+            raise DataError(f"{source}: column {name!r} not found in any row; "
+                            f"columns: {sorted(present)}")
+
+
+def _read_rows(cfg: DataConfig, columns: list[str]) -> tuple[str, list, list, list[BadRow]]:
     """(source name, rows, their 1-based line numbers or None, bad rows found while parsing).
-    A row that failed to parse is None in `rows` and already has its BadRow."""
+    A row that failed to parse is None in `rows` and already has its BadRow. Rows read through
+    `datasets` hold only `columns` (UltraFeedback's rows also carry whole responses)."""
     path = Path(cfg.path).expanduser()
     suffix = path.suffix.lower()
     looks_local = suffix in LOCAL_SUFFIXES or cfg.path.startswith(("/", "./", "../", "~"))
     if looks_local and not path.exists():
-        raise DataError(f"data file not found: {str(path)!r} (data.path={cfg.path!r})")
+        raise DataError(f"data file not found: {cfg.path!r} (looked for {str(path.absolute())!r})")
     if suffix == ".jsonl" and path.is_file():
         return (str(path), *_read_jsonl(path))
 
@@ -182,7 +190,8 @@ def _read_rows(cfg: DataConfig) -> tuple[str, list, list, list[BadRow]]:
     except Exception as exc:  # datasets raises many unrelated types; name the source instead
         raise DataError(f"cannot load {name} (split {cfg.split!r}): "
                         f"{type(exc).__name__}: {exc}") from exc
-    rows = ds.to_list()
+    _check_columns(name, columns, ds.column_names)
+    rows = ds.select_columns(columns).to_list()
     return name, rows, [None] * len(rows), []
 
 
