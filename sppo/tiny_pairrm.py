@@ -37,6 +37,9 @@ __all__ = ["TinyPairRMSpec", "TinyPairRM", "build_tokenizer", "save_tiny_pairrm"
 # <|candidate|> to the tokenizer, and build_ranker resizes the embeddings to match.
 NUM_PREFIX_TOKENS = 4
 
+# Bump when the build below changes, so that cached checkpoints are rebuilt.
+_RECIPE = 1
+
 # The real PairRM's ranker config, with its backbone replaced by the local one.
 _RANKER_CONFIG = {
     "ranker_type": "pairranker",
@@ -74,7 +77,8 @@ class TinyPairRMSpec:
     def key(self) -> str:
         from sppo.tiny import WORDS
 
-        blob = json.dumps(asdict(self), sort_keys=True) + " ".join(WORDS) + json.dumps(_RANKER_CONFIG)
+        blob = (json.dumps(asdict(self), sort_keys=True) + " ".join(WORDS)
+                + json.dumps(_RANKER_CONFIG) + f"recipe-{_RECIPE}")
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -170,9 +174,10 @@ def save_tiny_pairrm(out_dir: str | Path, spec: TinyPairRMSpec = TinyPairRMSpec(
         backbone = DebertaV2Model(config).eval()
         h = spec.hidden_size
         # llm-blender's CrossCompareReranker.head_layer: Dropout, Linear, Tanh, Dropout, Linear.
-        # PyTorch's default Linear init gives logits of order 0.1-1, not ~0.
         head = torch.nn.Sequential(torch.nn.Dropout(0.05), torch.nn.Linear(2 * h, h),
                                    torch.nn.Tanh(), torch.nn.Dropout(0.05), torch.nn.Linear(h, 1))
+        with torch.no_grad():
+            head[4].weight.mul_(10.0)  # logits of order 1, so sigmoids are not all ~1/2
         prefix_rows = torch.randn(NUM_PREFIX_TOKENS, h) * config.initializer_range
 
     backbone_dir = tmp / "backbone"

@@ -1,0 +1,121 @@
+"""What every generation engine shares: the interface, the seed rule and per-prompt isolation.
+
+An engine turns a batch of already templated and tokenized `Prompt`s into one record per
+prompt, in input order: a `Generation` with K samples, or a `Failed` naming why that prompt
+could not be done. One bad prompt never costs the others their samples and never raises out
+of `generate`.
+
+Seed semantics (both backends): prompt `p` gets the seed `prompt_seed(seed, p.id)` and its
+j-th sample is drawn from a random stream seeded with `prompt_seed(seed, p.id) + j` (vLLM's own
+rule for the children of an `n > 1` request). Samples therefore depend on the weights, the
+sampling settings, the seed and the prompt alone: not on which other prompts share the batch,
+on the order of calls, or on what the process ran before (up to the last-bit floating-point
+differences another batch shape can make, which could flip a near-tie). The two backends use
+different random number generators, so the same seed does not give the same text on both.
+
+Not here: Ray, and anything backend-specific.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+
+from sppo.records import Failed, Generation, Prompt
+
+__all__ = ["GenerationEngine", "prompt_seed", "prompt_problem", "generate_isolated",
+           "check_weights", "Record"]
+
+Record = Generation | Failed
+
+
+class GenerationEngine(Protocol):
+    """The interface `actors.generator.Generator` drives; see the HF and vLLM engines."""
+
+    weight_version: int
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Record]: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, bucket: dict) -> None: ...
+
+    def finish_weight_update(self, version: Optional[int] = None) -> int: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple]) -> None: ...
+
+    def reload_weights(self, checkpoint_dir: str, version: int) -> None: ...
+
+    def init_weight_transfer_engine(self, request: dict) -> None: ...
+
+    def get_weight_version(self) -> str: ...
+
+    def state_dict_numpy(self) -> dict: ...
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A stable 31-bit seed for one prompt (sha256, so it does not vary with PYTHONHASHSEED).
+
+    31 bits leave room for `+ j` per sample and fit every seed API (torch, vLLM)."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31 - 1024)
+
+
+def prompt_problem(prompt: Prompt, max_new_tokens: int, max_len: int,
+                   vocab_size: int) -> Optional[str]:
+    """Why `prompt` cannot be generated from, or None when it can."""
+    n = len(prompt.token_ids)
+    if n == 0:
+        return "empty prompt (no token ids)"
+    if n + max_new_tokens > max_len:
+        return (f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"context of {max_len} tokens")
+    bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
+    if bad:
+        return f"token ids outside the vocabulary of {vocab_size}: {bad[:5]}"
+    return None
+
+
+def generate_isolated(prompts: Sequence[Prompt], problem: Callable[[Prompt], Optional[str]],
+                      run_batch: Callable[[list[Prompt]], list[Record]]) -> list[Record]:
+    """Records for `prompts` in input order: invalid prompts become `Failed` up front, the
+    rest run as one batch; if the batch raises, each prompt is retried alone so that only
+    the prompt at fault fails (e.g. one that runs the device out of memory)."""
+    out: list[Optional[Record]] = [None] * len(prompts)
+    todo: list[int] = []
+    for i, p in enumerate(prompts):
+        try:
+            why = problem(p)
+        except Exception as exc:  # e.g. token ids that are not integers
+            why = f"invalid prompt: {type(exc).__name__}: {exc}"
+        if why is None:
+            todo.append(i)
+        else:
+            out[i] = Failed(p.id, "generate", why)
+    if todo:
+        batch = [prompts[i] for i in todo]
+        try:
+            done = run_batch(batch)
+        except Exception:
+            done = [rec for p in batch for rec in _alone(p, run_batch)]
+        for i, rec in zip(todo, done, strict=True):
+            out[i] = rec
+    return out  # type: ignore[return-value]
+
+
+def _alone(prompt: Prompt, run_batch: Callable[[list[Prompt]], list[Record]]) -> list[Record]:
+    try:
+        return run_batch([prompt])
+    except Exception as exc:  # this prompt's own failure: report it, keep the actor alive
+        return [Failed(prompt.id, "generate", f"{type(exc).__name__}: {exc}")]
+
+
+def check_weights(named: list[tuple[str, Any]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise ValueError naming the first tensor whose name or shape the model does not have,
+    before anything is loaded (so a bad bucket leaves the weights as they were)."""
+    for name, value in named:
+        if name not in shapes:
+            raise ValueError(f"unknown weight {name!r} (not in the model's state_dict)")
+        if tuple(value.shape) != tuple(shapes[name]):
+            raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, the model's "
+                             f"has {tuple(shapes[name])}")

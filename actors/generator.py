@@ -1,0 +1,309 @@
+"""Generator actors (one inference engine each) and the pool that feeds them prompts.
+
+- `Generator`: a thin Ray actor around an engine (`HFGenerationEngine` or
+  `VLLMGenerationEngine`); its public methods are the remote API. It tracks two things the
+  engine cannot: whether Ray restarted it (a restarted actor re-ran `__init__` and holds the
+  weights it was built with, so it refuses work with `NeedsPrepare` until re-synced) and
+  whether a weight update is half done (a failed bucket fails the update instead of letting
+  `finish_weight_update` stamp a version on partial weights).
+- `make_generator_factory`: builds actors with resources from the config through `.options()`;
+  vLLM with tensor parallelism gets a placement group per actor.
+- `GeneratorPool`: the generic `ActorPool` with prompts in and records out; splits prompts into
+  batches of `pools.generator.batch_size`, turns a batch the pool gave up on into `Failed`
+  records, and owns the object-store weight broadcast and the re-sync of new or restarted
+  actors to the latest broadcast weights.
+
+Weight-update protocol (also what vLLM's `RayVLLMWeightSyncClient` drives, by these names):
+`start_weight_update()`, then `update_weights(bucket)` per bucket, then
+`finish_weight_update(version)`. Any prepare function passed to `GeneratorPool` must end a
+re-sync with `finish_weight_update`, which is what clears a restarted actor's stale flag.
+
+Not here: the collective (gloo/NCCL) weight broadcast (`actors/weight_sync.py`), scaling
+policy, and the dispatch itself (`actors/pool.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+
+from actors.engines.generation import GenerationEngine, Record
+from actors.pool import ActorPool, NeedsPrepare, PoolCallError
+from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
+from sppo.records import Failed, Prompt
+
+__all__ = ["Generator", "GeneratorFactory", "make_generator_factory", "GeneratorPool"]
+
+log = logging.getLogger(__name__)
+
+
+class Generator:
+    """One inference engine in a Ray actor. Build it with `make_generator_factory`."""
+
+    def __init__(self, build_engine: Callable[[], GenerationEngine]):
+        self._engine = build_engine()
+        self._stale = ray.get_runtime_context().was_current_actor_reconstructed
+        self._updating = False  # between start_weight_update and finish_weight_update
+        self._update_error: Optional[str] = None
+
+    def generate(self, prompts: list[Prompt]) -> list[Record]:
+        """One `Generation` or `Failed` per prompt, in order."""
+        if self._stale:
+            raise NeedsPrepare("generator was restarted and holds its initial weights")
+        return self._engine.generate(prompts)
+
+    def weight_version(self) -> int:
+        return self._engine.weight_version
+
+    def is_stale(self) -> bool:
+        """True after Ray restarted this actor, until a weight update completes."""
+        return self._stale
+
+    def start_weight_update(self) -> None:
+        self._engine.start_weight_update()
+        self._updating, self._update_error = True, None
+
+    def update_weights(self, bucket: dict[str, Any]) -> None:
+        """Load one bucket `{name: array}` in place (or, on vLLM, a native
+        `{"update_info": ...}` request). Arrays from the object store are read-only; the
+        engines only read them."""
+        try:
+            self._engine.update_weights(bucket)
+        except Exception as exc:
+            self._update_error = f"{type(exc).__name__}: {exc}"
+            self._stale = True  # partial weights: re-sync before any more work
+            raise
+
+    def finish_weight_update(self, version: Optional[int] = None) -> int:
+        """Close the update; the weights are now `version` (default: current + 1)."""
+        if not self._updating:  # e.g. the actor restarted mid-update and lost the buckets
+            raise RuntimeError("finish_weight_update without start_weight_update in this "
+                               "actor's lifetime: the weights were not updated")
+        if self._update_error is not None:
+            raise RuntimeError(f"a bucket of this update failed ({self._update_error}); "
+                               "the weights are partial: update again")
+        version = self._engine.finish_weight_update(version)
+        self._updating, self._stale = False, False
+        return version
+
+    def reload_weights(self, checkpoint_dir: str, version: int) -> None:
+        """Load a checkpoint directory's weights in place (the slow, simple fallback)."""
+        self._engine.reload_weights(checkpoint_dir, version)
+        self._stale = False
+
+    # vLLM's weight-transfer engine, under the names `RayVLLMWeightSyncClient` calls.
+    def init_weight_transfer_engine(self, request: dict) -> None:
+        self._engine.init_weight_transfer_engine(request)
+
+    def get_weight_version(self) -> str:
+        return self._engine.get_weight_version()
+
+    def state_dict_numpy(self) -> dict[str, np.ndarray]:
+        """The engine's weights by `state_dict` name (hf backend only; for tests)."""
+        return self._engine.state_dict_numpy()
+
+
+class GeneratorFactory:
+    """`factory()` starts one `Generator` actor. With vLLM and tensor_parallel_size > 1 each
+    actor gets its own placement group (one GPU bundle per TP rank), kept here so that
+    `release()` can remove them when the pool shuts down."""
+
+    def __init__(self, build_engine: Callable[[], GenerationEngine], pool: PoolConfig,
+                 tensor_parallel: bool):
+        self._build_engine = build_engine
+        self._pool = pool
+        self._tensor_parallel = tensor_parallel
+        self._placement_groups: list = []
+
+    def __call__(self) -> ActorHandle:
+        p = self._pool
+        options: dict[str, Any] = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus,
+                                       max_restarts=p.max_restarts, max_task_retries=0)
+        if self._tensor_parallel:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # The actor holds no GPU itself: vLLM starts one Ray worker per bundle, inside
+            # this group because the actor captures its child tasks.
+            bundles = [{"GPU": 1.0, "CPU": p.num_cpus}] + [{"GPU": 1.0}] * (
+                p.tensor_parallel_size - 1)
+            pg = placement_group(bundles, strategy="PACK")
+            self._placement_groups.append(pg)
+            options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0,
+                placement_group_capture_child_tasks=True))
+        return ray.remote(Generator).options(**options).remote(self._build_engine)
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self._placement_groups:
+            remove_placement_group(pg)
+        self._placement_groups.clear()
+
+
+def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: GeneratorConfig,
+                           pool: PoolConfig, *, dtype: str = "float32",
+                           weight_transfer: bool = False) -> GeneratorFactory:
+    """A zero-argument callable that starts one generator actor per call.
+
+    `model_path` is a model directory every node can read (resolve `builtin:` names first);
+    `dtype` is `model.dtype`; `weight_transfer` builds vLLM with its NCCL weight-transfer
+    engine. The hf backend runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
+    common = dict(k=sampling.k, temperature=sampling.temperature, top_p=sampling.top_p,
+                  max_new_tokens=sampling.max_new_tokens, seed=sampling.seed,
+                  return_logprobs=sampling.return_logprobs, dtype=dtype)
+    if gen.backend == "vllm":
+        from actors.engines.vllm_generator import VLLMGenerationEngine  # does not import vllm
+
+        build = functools.partial(
+            VLLMGenerationEngine, model_path, **common,
+            tensor_parallel_size=pool.tensor_parallel_size,
+            gpu_memory_utilization=gen.gpu_memory_utilization,
+            enforce_eager=gen.enforce_eager, max_model_len=gen.max_model_len,
+            weight_transfer=weight_transfer)
+        return GeneratorFactory(build, pool, tensor_parallel=pool.tensor_parallel_size > 1)
+    if pool.tensor_parallel_size > 1:
+        raise ValueError("pools.generator.tensor_parallel_size > 1 needs generator.backend "
+                         f"'vllm' (got {gen.backend!r})")
+    from actors.engines.hf_generator import HFGenerationEngine
+
+    build = functools.partial(HFGenerationEngine, model_path, **common,
+                              device="cuda" if pool.num_gpus > 0 else "cpu")
+    return GeneratorFactory(build, pool, tensor_parallel=False)
+
+
+def _generate(actor: ActorHandle, batch: list[Prompt]) -> "ray.ObjectRef":
+    return actor.generate.remote(batch)
+
+
+class GeneratorPool:
+    """Generator actors behind an `ActorPool`: prompts in, one record per prompt out.
+
+    `prepare(actor)` replaces the built-in re-sync (object-store buckets of the latest
+    `broadcast_object_store`) run on every new or restarted actor before it takes work."""
+
+    def __init__(self, factory: Callable[[], ActorHandle], pool_cfg: PoolConfig,
+                 prepare: Optional[Callable[[ActorHandle], None]] = None, *,
+                 pool_cls: type = ActorPool):
+        self._factory = factory
+        self._batch_size = pool_cfg.batch_size
+        self._user_prepare = prepare
+        self._buckets: Optional[list] = None  # ObjectRefs of the latest broadcast
+        self._version = 0
+        self._pending = 0  # prompts submitted, records not yet returned
+        self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
+                              prepare=self._prepare, name="generator")
+
+    # ------------------------------------------------------------------ work
+
+    def submit(self, prompts: Sequence[Prompt]) -> None:
+        """Queue prompts in batches of `batch_size`; never blocks."""
+        prompts = list(prompts)
+        for i in range(0, len(prompts), self._batch_size):
+            self._pool.submit(prompts[i: i + self._batch_size], _generate)
+        self._pending += len(prompts)
+
+    def results(self, timeout: Optional[float] = None) -> list[Record]:
+        """Records of finished batches (waits up to `timeout`; None: until one is done)."""
+        return self._records(self._pool.results(timeout))
+
+    def drain(self) -> list[Record]:
+        """Wait for every pending prompt's record."""
+        return self._records(self._pool.drain())
+
+    def _records(self, done: list[tuple[list[Prompt], Any]]) -> list[Record]:
+        out: list[Record] = []
+        for batch, res in done:
+            if isinstance(res, PoolCallError):
+                out.extend(Failed(p.id, "generate", res.reason) for p in batch)
+            else:
+                out.extend(res)
+        self._pending -= len(out)
+        return out
+
+    def free_slots(self) -> int:
+        """Prompts that could start now without queueing (negative: a backlog)."""
+        return self._pool.free_slots() * self._batch_size
+
+    def num_pending(self) -> int:
+        """Prompts submitted whose records have not been returned yet."""
+        return self._pending
+
+    # ------------------------------------------------------------------ size
+
+    def resize(self, n: int) -> None:
+        self._pool.resize(n)
+
+    @property
+    def size(self) -> int:
+        return self._pool.size
+
+    def actors(self) -> list[ActorHandle]:
+        return self._pool.actors()
+
+    def versions(self) -> list[int]:
+        return ray.get([a.weight_version.remote() for a in self._pool.actors()])
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()
+        release = getattr(self._factory, "release", None)
+        if release is not None:
+            release()
+
+    # ------------------------------------------------------------------ weights
+
+    def broadcast_object_store(self, state: dict[str, np.ndarray], version: int,
+                               bucket_mb: float) -> None:
+        """Send `state` to every actor through the object store, in buckets of about
+        `bucket_mb` MiB each put once; blocks until all have version `version`. The buckets
+        stay in the object store until the next broadcast, to re-sync actors that join or
+        restart later. Call it between rounds."""
+        if self._pool.num_pending():
+            raise RuntimeError(f"broadcast with {self._pool.num_pending()} batch(es) pending: "
+                               "drain the pool first so no batch mixes two weight versions")
+        self._buckets = [ray.put(b) for b in _buckets(state, int(bucket_mb * 2**20))]
+        self._version = version
+        for actor, ref in [(a, self._push(a)) for a in self._pool.actors()]:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                # Restarted or replaced later; either way `_prepare` syncs it before work.
+                log.warning("generator %s died during the weight broadcast: %s", actor, exc)
+
+    def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
+        # Calls from one caller to one actor run in submission order.
+        actor.start_weight_update.remote()
+        for ref in self._buckets or []:
+            actor.update_weights.remote(ref)
+        return actor.finish_weight_update.remote(self._version)
+
+    def _prepare(self, actor: ActorHandle) -> None:
+        if self._user_prepare is not None:
+            self._user_prepare(actor)
+            return
+        version, stale = ray.get([actor.weight_version.remote(), actor.is_stale.remote()])
+        if version == self._version and not stale:
+            return
+        # The latest broadcast; before any, an empty update (the weights it was built with are
+        # the current ones) whose finish clears the stale flag.
+        ray.get(self._push(actor))
+
+
+def _buckets(state: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
+    """Split `state` in order into dicts of at most `limit` bytes (a larger tensor alone)."""
+    out: list[dict[str, np.ndarray]] = []
+    size = 0
+    for name, arr in state.items():
+        if not out or (out[-1] and size + arr.nbytes > limit):
+            out.append({})
+            size = 0
+        out[-1][name] = arr
+        size += arr.nbytes
+    return out

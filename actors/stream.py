@@ -1,0 +1,364 @@
+"""The bounded stream between the judges and the trainer workers, and the trainer's control line.
+
+One `TrainStream` actor per job, created by the driver (`create_stream`). Three parties use it:
+
+- the driver: `begin_round(t, expected_rows)`, then `wait_round_done(t)` (or
+  `TrainerRun.wait_round_done`, which also notices a dead trainer); `finish()` at the end;
+  `step_metrics(t)` and `status()` to watch;
+- producers (the pipeline): `put(t, rows)` blocks while the buffer holds `buffer_rows` rows,
+  `end_round(t)` when the round's last row is in;
+- trainer workers: rank 0 `attach(t)` when the worker group starts; every rank `wait_round(t)`,
+  then `next_step(t, rank, step, generation)` until it returns None; rank 0 also `log_step`,
+  `round_counts` and `round_done`. `TrainerRun` calls `abort(reason)` if the run dies for
+  good, so that nobody waits forever on a trainer that is gone.
+
+Equal work on every rank, so FSDP collectives never hang: the actor forms each optimizer step's
+global batch once (the first rank to ask triggers it) and every rank gets its slice, all slices
+the same length. A step takes `global_batch_size` rows in arrival order; when the producers have
+finished, the last step takes what is left rounded down to a multiple of the world size, and the
+remainder (< world size rows) is dropped with reason `remainder_after_even_split`. Dropping,
+not carrying over: the rows were sampled from this round's policy, so training on them next
+round would be off-policy. `carried_over` is therefore always 0; it is reported so that the
+accounting `rows_put == rows_trained + carried_over + sum(dropped)` reads complete. Rows that
+cannot fit `max_length` are dropped (or cut) at `put` time, see `sppo.rows.fit_row`.
+
+With `epochs > 1`, later epochs replay the rows trained in epoch 0, reshuffled (seeded).
+A restarted worker group resumes from the last round checkpoint; `attach` then rewinds the
+round in progress so its rows are trained again from the round-start weights (they were lost
+with the failed workers' weights), never twice into the same weights.
+
+The class is plain asyncio (tested without Ray); `create_stream` makes it a Ray async actor.
+Not here: the training itself (`actors.trainer`) and building rows (`sppo.rows`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from sppo.records import TrainRow
+from sppo.rows import TRUNCATED, deal_to_ranks, fit_row
+
+__all__ = ["RoundSpec", "StepSlice", "RoundResult", "TrainStream", "create_stream"]
+
+REMAINDER = "remainder_after_even_split"
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What workers need to start a round."""
+
+    round_index: int
+    expected_rows: int  # sets the schedule's horizon (`sppo.optim.schedule_steps`)
+
+
+@dataclass
+class StepSlice:
+    """One rank's share of one optimizer step."""
+
+    step: int
+    epoch: int
+    rows: list[TrainRow]  # this rank's rows, sorted by length; same count on every rank
+    global_rows: int  # rows in the step over all ranks (the loss is their mean)
+
+
+@dataclass
+class RoundResult:
+    """What rank 0 hands the driver at the end of a round."""
+
+    round_index: int
+    report: dict[str, Any]  # counts and mean metrics of the round
+    weights: Any  # ObjectRef of {name: np.ndarray} full weights (None if handed off otherwise)
+    checkpoint_path: str  # the round's checkpoint directory; `<path>/hf` loads with from_pretrained
+
+
+@dataclass
+class _Round:
+    spec: RoundSpec
+    buffer: collections.deque = field(default_factory=collections.deque)  # epoch-0 rows waiting
+    producers_done: bool = False
+    trained: list[TrainRow] = field(default_factory=list)  # epoch-0 rows placed in steps, in order
+    replay: collections.deque = field(default_factory=collections.deque)  # epoch >= 1 rows waiting
+    epoch: int = 0
+    next_form: int = 0  # the next step to form
+    steps: dict[int, Optional[list[list[TrainRow]]]] = field(default_factory=dict)
+    fetched: dict[int, set[int]] = field(default_factory=dict)
+    epoch_of_step: dict[int, int] = field(default_factory=dict)
+    rows_put: int = 0
+    rows_trained: int = 0  # epoch-0 rows placed in steps
+    truncated: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    result: Optional[RoundResult] = None
+
+
+class TrainStream:
+    """See the module docstring. All methods are coroutines (one asyncio condition guards all
+    state), so as a Ray actor it serves blocked producers and polling workers concurrently."""
+
+    def __init__(self, *, world_size: int, global_batch_size: int, buffer_rows: int,
+                 epochs: int, max_length: int, selection: Literal["pair", "all"],
+                 reference: Literal["frozen", "sampled"], seed: int = 0):
+        if global_batch_size % world_size:
+            raise ValueError(f"global_batch_size {global_batch_size} must be a multiple of "
+                             f"the world size {world_size}")
+        if buffer_rows < global_batch_size:
+            # A step waits for a full global batch in the buffer; a smaller buffer never fills.
+            raise ValueError(f"buffer_rows {buffer_rows} must be >= global_batch_size "
+                             f"{global_batch_size}")
+        self._world = world_size
+        self._gbs = global_batch_size
+        self._capacity = buffer_rows
+        self._epochs = epochs
+        self._max_length = max_length
+        self._pair = selection == "pair"
+        self._sampled_ref = reference == "sampled"
+        self._seed = seed
+        self._cond = asyncio.Condition()
+        self._rounds: dict[int, _Round] = {}
+        self._current: Optional[int] = None
+        self._finished = False
+        self._generation = 0
+        self._aborted: Optional[str] = None
+
+    # ------------------------------------------------------------------ driver
+
+    async def begin_round(self, round_index: int, expected_rows: int) -> None:
+        async with self._cond:
+            cur = self._rounds.get(self._current) if self._current is not None else None
+            if cur is not None and cur.result is None:
+                raise RuntimeError(f"round {round_index} begun while round {self._current} "
+                                   f"is still running")
+            if self._current is not None and round_index <= self._current:
+                raise ValueError(f"round {round_index} must come after round {self._current}")
+            if self._finished:
+                raise RuntimeError("the stream is finished")
+            self._rounds[round_index] = _Round(RoundSpec(round_index, expected_rows))
+            self._current = round_index
+            self._cond.notify_all()
+
+    async def wait_round_done(self, round_index: int) -> RoundResult:
+        async with self._cond:
+            r = self._round(round_index)
+            await self._cond.wait_for(lambda: r.result is not None or self._aborted)
+            self._check_aborted()
+            return r.result
+
+    async def abort(self, reason: str) -> None:
+        """The trainer run died for good: every waiting and later call raises (so producers
+        blocked in `put` and the driver in `wait_round_done` do not wait forever)."""
+        async with self._cond:
+            self._aborted = reason
+            self._cond.notify_all()
+
+    async def finish(self) -> None:
+        """No more rounds: workers waiting for the next round get None and exit their loop."""
+        async with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    async def step_metrics(self, round_index: int, start: int = 0) -> list[dict[str, Any]]:
+        async with self._cond:
+            return list(self._round(round_index).metrics[start:])
+
+    async def status(self) -> dict[str, Any]:
+        async with self._cond:
+            r = self._rounds.get(self._current) if self._current is not None else None
+            if r is None:
+                return {"round": None, "finished": self._finished}
+            return {"round": self._current, "finished": self._finished,
+                    "buffered": len(r.buffer), "producers_done": r.producers_done,
+                    "steps_formed": r.next_form, "done": r.result is not None,
+                    **self._counts(r)}
+
+    # ------------------------------------------------------------------ producers
+
+    async def put(self, round_index: int, rows: list[TrainRow]) -> None:
+        """Add rows to the round; waits while the buffer is full."""
+        async with self._cond:
+            self._check_aborted()
+            r = self._round(round_index)
+            if r.producers_done:
+                raise RuntimeError(f"put after end_round({round_index})")
+            for row in rows:
+                if self._sampled_ref and (row.chosen_ref_logp is None or (
+                        row.is_pair and row.rejected_ref_logp is None)):
+                    raise ValueError(f"row of prompt {row.prompt_id!r} has no sampled-token "
+                                     f"reference log-prob (trainer.reference = 'sampled')")
+                r.rows_put += 1
+                fitted, note = fit_row(row, self._max_length, cut_ok=not self._sampled_ref,
+                                       pair=self._pair)
+                if fitted is None:
+                    r.dropped[note] += 1
+                    continue
+                r.truncated += note == TRUNCATED
+                await self._cond.wait_for(
+                    lambda: len(r.buffer) < self._capacity or self._aborted)
+                self._check_aborted()
+                r.buffer.append(fitted)
+                self._cond.notify_all()
+
+    async def end_round(self, round_index: int) -> None:
+        async with self._cond:
+            self._round(round_index).producers_done = True
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ workers
+
+    async def wait_round(self, round_index: int) -> Optional[RoundSpec]:
+        """The spec of round `round_index` once the driver begins it; None after `finish()`.
+
+        A driver that resumes a job must begin the round after the last round checkpoint (the
+        trainer resumes from it); a later round is an error here, an earlier one waits.
+        """
+        async with self._cond:
+            await self._cond.wait_for(
+                lambda: round_index in self._rounds or self._finished or self._aborted
+                or (self._current is not None and self._current > round_index))
+            self._check_aborted()
+            if round_index in self._rounds:
+                return self._rounds[round_index].spec
+            if self._current is not None and self._current > round_index:
+                raise RuntimeError(f"the trainer expects round {round_index} but the driver "
+                                   f"began round {self._current}")
+            return None
+
+    async def next_step(self, round_index: int, rank: int, step: int,
+                        generation: int) -> Optional[StepSlice]:
+        """Rank `rank`'s slice of step `step`, or None when the round has no step `step`.
+
+        Every rank gets None at the same step, so all leave the round loop together.
+        `generation` is the worker group's, from `attach`: a call left over from a failed
+        group must not take a slice meant for its replacement.
+        """
+        async with self._cond:
+            r = self._round(round_index)
+            while step not in r.steps:
+                self._check_generation(generation)
+                if step > r.next_form or not self._form_next(r):
+                    await self._cond.wait()
+            self._check_generation(generation)
+            self._cond.notify_all()
+            ranks = r.steps[step]
+            seen = r.fetched.setdefault(step, set())
+            seen.add(rank)
+            if len(seen) == self._world:  # everyone has it: free the rows
+                del r.steps[step], r.fetched[step]
+            if ranks is None:
+                return None
+            return StepSlice(step=step, epoch=r.epoch_of_step[step], rows=ranks[rank],
+                             global_rows=self._world * len(ranks[rank]))
+
+    async def log_step(self, round_index: int, metrics: dict[str, Any]) -> None:
+        async with self._cond:
+            self._round(round_index).metrics.append(dict(metrics))
+
+    async def round_counts(self, round_index: int) -> dict[str, Any]:
+        async with self._cond:
+            return self._counts(self._round(round_index))
+
+    async def round_done(self, result: RoundResult) -> None:
+        async with self._cond:
+            r = self._round(result.round_index)
+            r.result = result
+            r.trained, r.replay = [], collections.deque()  # the rows are no longer needed
+            self._cond.notify_all()
+
+    async def attach(self, next_round: int) -> tuple[int, bool]:
+        """Called by rank 0 when a worker group starts, after loading any checkpoint.
+
+        Starts a new worker generation (see `next_step`), rewinds round `next_round` if a
+        failed group had partly trained it, and says whether round `next_round - 1` finished
+        its checkpoint but never reached `round_done` (rank 0 must hand its weights over again).
+        Returns (generation, hand_over_again).
+        """
+        async with self._cond:
+            self._generation += 1
+            r = self._rounds.get(next_round)
+            if r is not None and r.result is None:
+                self._rewind(r)
+            self._cond.notify_all()
+            prev = self._rounds.get(next_round - 1)
+            return self._generation, prev is not None and prev.result is None
+
+    # ------------------------------------------------------------------ internals
+
+    def _round(self, round_index: int) -> _Round:
+        if round_index not in self._rounds:
+            raise KeyError(f"round {round_index} has not begun (current: {self._current})")
+        return self._rounds[round_index]
+
+    def _check_aborted(self) -> None:
+        if self._aborted is not None:
+            raise RuntimeError(f"the trainer run failed: {self._aborted}")
+
+    def _check_generation(self, generation: int) -> None:
+        if generation != self._generation:
+            raise RuntimeError(f"stale trainer worker (generation {generation}, current "
+                               f"{self._generation})")
+
+    def _form_next(self, r: _Round) -> bool:
+        """Form step `r.next_form` if the rows for it are there; False means wait."""
+        while True:
+            source = r.buffer if r.epoch == 0 else r.replay
+            if len(source) >= self._gbs:
+                return self._place(r, [source.popleft() for _ in range(self._gbs)])
+            if r.epoch == 0 and not r.producers_done:
+                return False
+            keep = len(source) - len(source) % self._world
+            if keep:
+                rows = [source.popleft() for _ in range(keep)]
+                if source:  # epoch 0 only: replayed epochs hold a multiple of the world
+                    r.dropped[REMAINDER] += len(source)
+                    source.clear()
+                return self._place(r, rows)
+            if source:
+                r.dropped[REMAINDER] += len(source)
+                source.clear()
+            if r.epoch + 1 < self._epochs and r.trained:
+                r.epoch += 1
+                replay = list(r.trained)
+                random.Random(f"{self._seed}-{r.spec.round_index}-{r.epoch}").shuffle(replay)
+                r.replay = collections.deque(replay)
+                continue
+            r.steps[r.next_form] = None  # end of round
+            r.next_form += 1
+            return True
+
+    def _place(self, r: _Round, rows: list[TrainRow]) -> bool:
+        if r.epoch == 0:
+            r.trained.extend(rows)
+            r.rows_trained += len(rows)
+        r.steps[r.next_form] = deal_to_ranks(rows, self._world)
+        r.epoch_of_step[r.next_form] = r.epoch
+        r.next_form += 1
+        return True
+
+    def _rewind(self, r: _Round) -> None:
+        r.buffer.extendleft(reversed(r.trained))
+        r.trained, r.replay = [], collections.deque()
+        r.rows_trained, r.epoch, r.next_form = 0, 0, 0
+        r.steps.clear(), r.fetched.clear(), r.epoch_of_step.clear()
+        r.dropped.pop(REMAINDER, None)
+        r.metrics.clear()
+
+    def _counts(self, r: _Round) -> dict[str, Any]:
+        return {"rows_put": r.rows_put, "rows_trained": r.rows_trained, "carried_over": 0,
+                "dropped": dict(r.dropped), "truncated": r.truncated,
+                "steps": len(r.epoch_of_step)}
+
+
+def create_stream(*, world_size: int, global_batch_size: int, buffer_rows: int, epochs: int,
+                  max_length: int, selection: Literal["pair", "all"],
+                  reference: Literal["frozen", "sampled"], seed: int = 0,
+                  name: Optional[str] = None):
+    """Start the `TrainStream` as a Ray async actor (no CPU reserved: it only moves rows)."""
+    import ray
+
+    return ray.remote(TrainStream).options(num_cpus=0, name=name).remote(
+        world_size=world_size, global_batch_size=global_batch_size, buffer_rows=buffer_rows,
+        epochs=epochs, max_length=max_length, selection=selection, reference=reference,
+        seed=seed)

@@ -1,0 +1,435 @@
+"""The SPPO trainer: one Ray Train `TorchTrainer` run for the whole job, FSDP2 workers.
+
+`TrainerRun` (driver side) starts `TorchTrainer.fit()` once, in a background thread, and the
+workers then train round after round, keeping the model in memory between rounds. The driver
+talks to them only through the `actors.stream.TrainStream` actor:
+
+    stream = create_stream(...); run = TrainerRun(..., stream=stream).start()
+    for t in rounds:
+        stream.begin_round.remote(t, expected_rows)     # producers put(t, rows), end_round(t)
+        result = run.wait_round_done(t)                 # RoundResult: report, weights, checkpoint
+    run.finish()
+
+Each worker (`train_loop_per_worker`): loads the model, shards it with FSDP2 (`fully_shard` on
+every decoder block, then the root; bf16 `MixedPrecisionPolicy` on GPU, full precision on CPU
+unless asked), resumes from `ray.train.get_checkpoint()` if the run restarted, then per round:
+refreshes the frozen reference copy from the policy (or uses the generator's sampled-token
+log-probs), builds a fresh optimizer and schedule (`sppo.optim`), and takes the steps the stream
+hands out; each step accumulates gradients over micro-batches, scaled so the update equals that
+of one process on the whole global batch, then clips and steps. At the end of the round all
+ranks gather the full weights (`get_model_state_dict`, FSDP2: the FSDP1 cpu-offload gather
+segfaults on CPU), rank 0 writes `<checkpoint>/hf` (`save_pretrained` weights + tokenizer), all
+ranks write their shard of the training state (`<checkpoint>/state`, torch.distributed
+.checkpoint) and call `ray.train.report` (a barrier: every rank, once per round), and rank 0
+hands the weights to the driver through `hand_off` (default `object_store_hand_off`).
+
+Exact resume is at round boundaries: the optimizer and schedule are fresh each round and the
+reference is the round-start policy, so the model weights are the whole training state. A round
+cut short by a failure is retrained from its start (the stream rewinds it).
+
+Not here: building rows (`sppo.rows`), the losses (`sppo.loss`), weight broadcast to generators.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from actors.stream import RoundResult, RoundSpec
+from sppo.config import TrainerConfig
+from sppo.loss import compute_loss, sequence_logps
+from sppo.optim import build_optimizer, build_scheduler, schedule_steps
+from sppo.rows import Batch, collate, micro_batches
+
+__all__ = ["TrainerRun", "train_loop_per_worker", "object_store_hand_off", "arrays_to_state_dict"]
+
+logger = logging.getLogger("sppo.trainer")
+
+HandOff = Callable[[dict[str, torch.Tensor], int], Any]
+
+
+# --------------------------------------------------------------------------- weight hand-off
+
+
+def object_store_hand_off(full_state_dict: dict[str, torch.Tensor], round_index: int) -> Any:
+    """Default hand-off, on rank 0: `ray.put` the weights as a dict of numpy arrays.
+
+    numpy goes through the object store several times faster than torch tensors. bf16 has no
+    numpy dtype, so such tensors go as float32. The object is owned by rank 0's worker process:
+    read it before `TrainerRun.finish()` (after a worker-group failure, read `<checkpoint>/hf`).
+    """
+    import ray
+
+    arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+              for k, v in full_state_dict.items()}
+    return ray.put(arrays)
+
+
+def arrays_to_state_dict(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The driver/generator side of `object_store_hand_off` (arrays come back read-only)."""
+    return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _shard(model: torch.nn.Module, mesh, mp_policy, *, trainable: bool) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+    # The root keeps its parameters gathered from forward to backward; a forward-only model
+    # has no backward to reshard them, so it must reshard right after forward.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trainable)
+    return model
+
+
+def _load_sharded(model_path: str, cfg: TrainerConfig, mesh, *, trainable: bool):
+    """Every rank loads the full float32 model on CPU, then FSDP2 shards it onto the mesh.
+
+    (Simple and fine up to a few billion parameters; for larger models load on the meta device
+    and broadcast from rank 0 instead.)
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and cfg.use_gpu)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if bf16 else MixedPrecisionPolicy())
+    if trainable and cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    return _shard(model, mesh, mp, trainable=trainable)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def _copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Copy `src`'s shards into identically sharded `dst` (no communication)."""
+    for (name_d, p_d), (name_s, p_s) in zip(dst.named_parameters(), src.named_parameters(),
+                                            strict=True):
+        if name_d != name_s:
+            raise RuntimeError(f"reference and policy differ: {name_d} vs {name_s}")
+        _local(p_d).copy_(_local(p_s))
+
+
+def _response_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   use_cache=False).logits  # (N, T, V)
+    return sequence_logps(logits, batch.input_ids, batch.response_mask)  # (N,)
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: rank 0 gets the full CPU state dict, the other ranks an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(policy, reference, optimizer, scheduler, rows, global_rows: int,
+               cfg: TrainerConfig, pad_id: int, device: torch.device) -> dict[str, float]:
+    """One optimizer step over this rank's `rows`; collective (all ranks call it together).
+
+    Each micro-batch's summed loss is scaled by world / global_rows: FSDP averages gradients
+    over ranks, so the update is that of the mean loss over the whole global batch.
+    """
+    world = dist.get_world_size()
+    start = time.perf_counter()
+    policy.train()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ratio, target, rows, tokens
+    for rows_mb in micro_batches(rows, cfg.micro_batch_size):
+        batch = collate(rows_mb, pad_id).to(device)
+        b = batch.num_rows
+        logps = _response_logps(policy, batch)  # (N,), N = B or 2B
+        if reference is not None:
+            with torch.no_grad():
+                ref = _response_logps(reference, batch)
+            ref_c, ref_r = ref[:b], (ref[b:] if batch.is_pair else None)
+        else:
+            ref_c, ref_r = batch.ref_chosen, batch.ref_rejected
+        loss, stats = compute_loss(
+            cfg.loss, policy_chosen=logps[:b], ref_chosen=ref_c, p_chosen=batch.p_chosen,
+            policy_rejected=logps[b:] if batch.is_pair else None, ref_rejected=ref_r,
+            p_rejected=batch.p_rejected, eta=cfg.eta, beta=cfg.beta)
+        (loss.sum() * (world / global_rows)).backward()
+        sums += torch.stack([loss.detach().sum().double(), stats["log_ratio"].double() * b,
+                             stats.get("target", torch.zeros(())).double().to(device) * b,
+                             torch.tensor(b, dtype=torch.float64, device=device),
+                             torch.tensor(batch.num_tokens, dtype=torch.float64, device=device)])
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(sums)
+    loss_sum, ratio_sum, target_sum, n, tokens = sums.tolist()
+    elapsed = time.perf_counter() - start
+    out = {"loss": loss_sum / n, "log_ratio": ratio_sum / n, "grad_norm": float(grad_norm),
+           "lr": lr, "rows": int(n), "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
+           "step_time_s": elapsed}
+    if cfg.loss in ("sppo", "sppo_hard"):
+        out["target"] = target_sum / n
+    return out
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function. config: `model_path` (str), `trainer` (TrainerConfig),
+    `stream` (TrainStream handle), `hand_off` (callable run on rank 0 with the full weights)."""
+    import ray
+    import ray.train
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    cfg: TrainerConfig = config["trainer"]
+    stream, model_path, hand_off = config["stream"], config["model_path"], config["hand_off"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world,))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    policy = _load_sharded(model_path, cfg, mesh, trainable=True)
+    reference = _load_sharded(model_path, cfg, mesh, trainable=False) \
+        if cfg.reference == "frozen" else None
+
+    next_round, resumed = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            resumed = _load_training_state(policy, Path(ckpt_dir))
+        resumed["checkpoint_path"] = checkpoint.path
+        next_round = resumed["round_index"] + 1
+        logger.info("rank %d resumed after round %d from %s", rank, next_round - 1,
+                    checkpoint.path)
+    attach = [None, None]
+    if rank == 0:
+        attach = list(ray.get(stream.attach.remote(next_round)))
+    dist.broadcast_object_list(attach, src=0)
+    generation, hand_over_again = attach
+    if hand_over_again:  # the failure came between the checkpoint and round_done
+        full = _full_state_dict(policy)
+        if rank == 0:
+            ray.get(stream.round_done.remote(RoundResult(
+                resumed["round_index"], resumed["report"], hand_off(full, resumed["round_index"]),
+                resumed["checkpoint_path"])))
+
+    while True:
+        spec = ray.get(stream.wait_round.remote(next_round))
+        if spec is None:
+            break
+        report = _train_round(spec, policy, reference, cfg, stream, rank, generation, pad_id,
+                              device)
+        _end_round(spec.round_index, report, policy, tokenizer, model_path, stream, rank,
+                   hand_off)
+        next_round += 1
+
+
+def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream, rank: int,
+                 generation: int, pad_id: int, device: torch.device) -> dict[str, Any]:
+    import ray
+
+    t = spec.round_index
+    start = time.perf_counter()
+    if reference is not None:
+        _copy_weights(reference, policy)
+    horizon, warmup = schedule_steps(spec.expected_rows, cfg.global_batch_size,
+                                     cfg.schedule_epochs, cfg.warmup_ratio)
+    optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, horizon, warmup)
+    losses, tokens, step = [], 0, 0
+    pending = stream.next_step.remote(t, rank, 0, generation)
+    while (piece := ray.get(pending)) is not None:
+        pending = stream.next_step.remote(t, rank, step + 1, generation)  # prefetch
+        metrics = train_step(policy, reference, optimizer, scheduler, piece.rows,
+                             piece.global_rows, cfg, pad_id, device)
+        metrics.update(round=t, step=step, epoch=piece.epoch)
+        losses.append(metrics["loss"])
+        tokens += metrics["tokens"]
+        if rank == 0:
+            stream.log_step.remote(t, metrics)
+            logger.info("round %d step %d: loss %.4g log_ratio %.4g grad_norm %.3g lr %.3g "
+                        "%.0f tok/s", t, step, metrics["loss"], metrics["log_ratio"],
+                        metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"])
+        step += 1
+    elapsed = time.perf_counter() - start
+    report: dict[str, Any] = {"round_index": t, "schedule_horizon": horizon,
+                              "schedule_warmup": warmup, "train_time_s": elapsed,
+                              "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else 0,
+                              "loss_first": losses[0] if losses else math.nan,
+                              "loss_last": losses[-1] if losses else math.nan,
+                              "loss_mean": sum(losses) / len(losses) if losses else math.nan}
+    if rank == 0:
+        counts = ray.get(stream.round_counts.remote(t))
+        report.update({k: v for k, v in counts.items() if k != "dropped"})
+        report.update({f"dropped_{k}": v for k, v in counts["dropped"].items()})
+    return report
+
+
+def _end_round(t: int, report: dict[str, Any], policy, tokenizer, model_path: str, stream,
+               rank: int, hand_off: HandOff) -> None:
+    """Gather, checkpoint, report (all ranks), hand the weights to the driver (rank 0)."""
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = _full_state_dict(policy)
+    name = f"round-{t}"
+    with tempfile.TemporaryDirectory(prefix=f"sppo-{name}-") as tmp:
+        if rank == 0:
+            _save_hf(full, tokenizer, model_path, Path(tmp) / "hf")
+            (Path(tmp) / "round.json").write_text(json.dumps({"round_index": t,
+                                                              "report": report}))
+        dcp.save(get_model_state_dict(policy), checkpoint_id=os.path.join(tmp, "state"))
+        ray.train.report(report if rank == 0 else {"round_index": t},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=name)
+    path = ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
+    if rank == 0:
+        ray.get(stream.round_done.remote(RoundResult(t, report, hand_off(full, t), path)))
+
+
+def _save_hf(full: dict[str, torch.Tensor], tokenizer, model_path: str, out: Path) -> None:
+    """`save_pretrained` the gathered weights and the tokenizer, with the base model's config
+    and dtype (training holds float32 master weights whatever the checkpoint's dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):  # configs read from JSON may hold the name
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config)
+    shell.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
+    try:
+        shell.generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # the base model has no generation_config.json
+        pass
+    shell.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _load_training_state(policy, ckpt_dir: Path) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = get_model_state_dict(policy)
+    dcp.load(state, checkpoint_id=str(ckpt_dir / "state"))
+    set_model_state_dict(policy, state)
+    return json.loads((ckpt_dir / "round.json").read_text())
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+class TrainerRun:
+    """Starts the job's one `TorchTrainer.fit()` in a background thread and watches it.
+
+    `stream` is the `TrainStream` handle the driver created; rounds are driven through it.
+    `storage_path`/`name` are the Ray Train run's: re-running with the same pair resumes from
+    the last round checkpoint (`<storage_path>/<name>/round-<t>`).
+    """
+
+    def __init__(self, *, model_path: str, trainer: TrainerConfig, stream, storage_path: str,
+                 name: str, hand_off: HandOff = object_store_hand_off):
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        self._stream = stream
+        self._trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"model_path": model_path, "trainer": trainer, "stream": stream,
+                               "hand_off": hand_off},
+            torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=trainer.num_workers,
+                                         use_gpu=trainer.use_gpu),
+            run_config=RunConfig(
+                name=name, storage_path=str(Path(storage_path).expanduser().resolve())
+                if "://" not in storage_path else storage_path,
+                failure_config=FailureConfig(max_failures=trainer.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        )
+        self._thread: Optional[threading.Thread] = None
+        self._result = None
+        self._error: Optional[BaseException] = None
+
+    def start(self) -> "TrainerRun":
+        self._thread = threading.Thread(target=self._fit, name="sppo-trainer-fit", daemon=True)
+        self._thread.start()
+        return self
+
+    def _fit(self) -> None:
+        try:
+            self._result = self._trainer.fit()
+        except BaseException as exc:  # re-raised in the driver's thread by the methods below
+            self._error = exc
+            # Unblock producers waiting in put() and anyone waiting on the stream.
+            self._stream.abort.remote(f"{type(exc).__name__}: {exc}"[:2000])
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_round_done(self, round_index: int, timeout_s: Optional[float] = None,
+                        poll_s: float = 1.0) -> RoundResult:
+        """Block until rank 0 reports round `round_index`; raise if the run dies first."""
+        import ray
+
+        ref = self._stream.wait_round_done.remote(round_index)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            ready, _ = ray.wait([ref], timeout=poll_s)
+            if ready:
+                return ray.get(ref)
+            if not self.running():
+                raise RuntimeError(f"the trainer run ended before round {round_index} was "
+                                   f"done") from self._error
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"round {round_index} not done after {timeout_s} s")
+
+    def finish(self, timeout_s: Optional[float] = None):
+        """Stop the workers after the rounds begun so far; returns the `ray.train.Result`."""
+        import ray
+
+        ray.get(self._stream.finish.remote())
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the trainer run did not stop within {timeout_s} s")
+        if self._error is not None:
+            raise self._error
+        return self._result

@@ -1,0 +1,300 @@
+"""Tests of actors/generator.py on a real local Ray cluster with tiny Llama models built here.
+
+Every test runs once per backend: `hf` everywhere, `vllm` where vLLM and a CUDA GPU exist
+(otherwise it skips with that reason). The models share one tokenizer:
+- `base`: the tiny Llama with its EOS row of `lm_head` scaled up, so that some samples stop
+  on EOS within a few tokens and others run to max_new_tokens (both finish reasons occur);
+- `other`: a differently seeded tiny Llama, the "trained" weights sent by `update_weights`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from actors.generator import GeneratorPool, _buckets, make_generator_factory
+from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
+from sppo.records import Failed, Generation, Prompt
+
+K, MAX_NEW = 3, 10
+
+
+def _no_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is None or not torch.cuda.is_available()
+
+
+BACKENDS = ["hf", pytest.param("vllm", marks=[
+    pytest.mark.vllm, pytest.mark.gpu,
+    pytest.mark.skipif(_no_vllm(), reason="needs vLLM and a CUDA GPU")])]
+
+
+# ---------------------------------------------------------------------------- assets
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama_dir, tmp_path_factory) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sppo.tiny import TinySpec, build_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    root = tmp_path_factory.mktemp("generator-models")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        base.lm_head.weight[tok.eos_token_id] *= 30.0
+    other = build_tiny_llama(TinySpec(seed=1), tokenizer=tok)
+    out = {}
+    for name, model in (("base", base), ("other", other)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(models) -> list[Prompt]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    texts = ["hello there", "tell me a story about the sea", "why is the sky blue", "hi",
+             "list three big cities", "what is a good name for a cat"]
+    out = []
+    for i, text in enumerate(texts):
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}],
+                                           add_generation_prompt=True, tokenize=False)
+        ids = tok(rendered, add_special_tokens=False)["input_ids"]
+        out.append(Prompt(id=f"p{i}", text=rendered, token_ids=tuple(ids), raw=text))
+    return out
+
+
+def _factory(backend: str, model_dir: str, *, seed: int = 0, replicas: int = 1,
+             batch_size: int = 4, max_in_flight: int = 2):
+    sampling = SamplingConfig(k=K, temperature=0.8, top_p=0.9, max_new_tokens=MAX_NEW, seed=seed,
+                              return_logprobs=True)
+    gen = GeneratorConfig(backend=backend, gpu_memory_utilization=0.15, enforce_eager=True)
+    pool = PoolConfig(replicas=replicas, num_cpus=0.5, num_gpus=0.2 if backend == "vllm" else 0,
+                      batch_size=batch_size, max_in_flight=max_in_flight, max_restarts=2)
+    return make_generator_factory(model_dir, sampling, gen, pool), pool
+
+
+def _generate(actor, prompts) -> list:
+    import ray
+
+    return ray.get(actor.generate.remote(list(prompts)))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def base_actor(ray_cluster, backend, models):
+    factory, _ = _factory(backend, models["base"])
+    actor = factory()
+    yield actor
+    ray_cluster.kill(actor)
+    factory.release()
+
+
+@pytest.fixture(scope="module")
+def other_reference(ray_cluster, backend, models, prompts) -> list[Generation]:
+    """What the `other` model itself generates for `prompts` (same seed and sampling)."""
+    factory, _ = _factory(backend, models["other"])
+    actor = factory()
+    try:
+        return _generate(actor, prompts)
+    finally:
+        ray_cluster.kill(actor)
+        factory.release()
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_k_samples_per_prompt_with_requested_sampling(base_actor, prompts, models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    gens = _generate(base_actor, prompts)
+    assert [g.prompt.id for g in gens] == [p.id for p in prompts]
+    reasons = set()
+    for g in gens:
+        assert isinstance(g, Generation) and g.k == K and g.weight_version == 0
+        assert len(g.texts) == len(g.finish_reasons) == len(g.logprobs) == K
+        for ids, text, reason in zip(g.response_ids, g.texts, g.finish_reasons):
+            assert 1 <= len(ids) <= MAX_NEW
+            assert tok.eos_token_id not in ids[:-1]  # cut after the first EOS
+            if reason == "stop":
+                assert ids[-1] == tok.eos_token_id  # the EOS the model produced is kept
+            else:
+                assert reason == "length" and len(ids) == MAX_NEW
+            assert text == tok.decode(ids, skip_special_tokens=True)
+            reasons.add(reason)
+    assert reasons == {"stop", "length"}
+    # Sampled, not greedy: a prompt's K samples are not all the same.
+    assert any(len({tuple(r) for r in g.response_ids}) > 1 for g in gens)
+
+
+def test_same_seed_same_samples_other_seed_differs(ray_cluster, base_actor, backend, models,
+                                                   prompts):
+    first = _generate(base_actor, prompts)
+    again = _generate(base_actor, prompts[::-1])[::-1]  # other call, other batch order
+    alone = _generate(base_actor, prompts[2:3])
+    assert [g.response_ids for g in again] == [g.response_ids for g in first]
+    assert alone[0].response_ids == first[2].response_ids
+
+    factory, _ = _factory(backend, models["base"], seed=1)
+    seed1 = factory()
+    try:
+        other = _generate(seed1, prompts)
+    finally:
+        ray_cluster.kill(seed1)
+        factory.release()
+    assert [g.response_ids for g in other] != [g.response_ids for g in first]
+
+
+def test_logprobs_equal_teacher_forced_forward(base_actor, backend, models, prompts):
+    """Sum of log-softmax of the unmodified model at each sampled token, recomputed by one
+    forward pass over prompt + response (no temperature, no top-p)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.float32).eval()
+    tol = 1e-4 if backend == "hf" else 2e-3  # vLLM's kernels differ from HF's in the last bits
+    for g in _generate(base_actor, prompts):
+        n = len(g.prompt.token_ids)
+        for ids, lp in zip(g.response_ids, g.logprobs):
+            seq = torch.tensor([list(g.prompt.token_ids) + ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq).logits[0, n - 1: -1].float(), dim=-1)
+            expected = logp.gather(1, torch.tensor(ids)[:, None]).sum().item()
+            assert lp == pytest.approx(expected, abs=tol)
+
+
+def test_bad_prompts_fail_alone(base_actor, prompts):
+    long = Prompt(id="long", text="", token_ids=(5,) * (512 - MAX_NEW + 1))  # context is 512
+    empty = Prompt(id="empty", text="", token_ids=())
+    out = _generate(base_actor, [prompts[0], long, prompts[1], empty])
+    assert [type(r) for r in out] == [Generation, Failed, Generation, Failed]
+    assert out[1] == Failed("long", "generate", out[1].reason) and "context" in out[1].reason
+    assert out[3].prompt_id == "empty" and out[3].stage == "generate"
+    assert out[0].response_ids == _generate(base_actor, prompts[:1])[0].response_ids
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _state(model_dir: str) -> dict[str, np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def _same_samples(got: list, want: list[Generation], tol: float) -> None:
+    assert [g.response_ids for g in got] == [g.response_ids for g in want]
+    for g, w in zip(got, want):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=tol)
+
+
+def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, prompts,
+                                                 other_reference):
+    factory, cfg = _factory(backend, models["base"])
+    pool = GeneratorPool(factory, cfg)
+    try:
+        pool.submit(prompts)
+        before = pool.drain()
+        assert pool.versions() == [0]
+        pool.broadcast_object_store(_state(models["other"]), version=7, bucket_mb=0.05)
+        assert pool.versions() == [7]
+        pool.submit(prompts)
+        after = sorted(pool.drain(), key=lambda g: g.prompt.id)
+        assert all(g.weight_version == 7 for g in after)
+        _same_samples(after, other_reference, 1e-4 if backend == "hf" else 2e-3)
+        assert [g.response_ids for g in after] != [
+            g.response_ids for g in sorted(before, key=lambda g: g.prompt.id)]
+
+        # A bucket that does not fit fails the whole update, and the actor, now holding
+        # partial weights, is re-synced by the pool before its next batch.
+        (actor,) = pool.actors()
+        ray_cluster.get(actor.start_weight_update.remote())
+        with pytest.raises(ValueError, match="no.such.weight"):
+            ray_cluster.get(actor.update_weights.remote({"no.such.weight": np.zeros(3)}))
+        with pytest.raises(RuntimeError, match="partial"):
+            ray_cluster.get(actor.finish_weight_update.remote(8))
+        assert ray_cluster.get(actor.is_stale.remote())
+        pool.submit(prompts)
+        again = sorted(pool.drain(), key=lambda g: g.prompt.id)
+        assert all(g.weight_version == 7 for g in again)
+        _same_samples(again, other_reference, 1e-4 if backend == "hf" else 2e-3)
+    finally:
+        pool.shutdown()
+
+
+def test_restarted_actor_is_stale_and_resynced_before_work(ray_cluster, backend, models,
+                                                           prompts, other_reference):
+    factory, cfg = _factory(backend, models["base"])
+    pool = GeneratorPool(factory, cfg)
+    try:
+        pool.broadcast_object_store(_state(models["other"]), version=3, bucket_mb=1.0)
+        (actor,) = pool.actors()
+        assert not ray_cluster.get(actor.is_stale.remote())
+        ray_cluster.kill(actor, no_restart=False)
+        assert _eventually(lambda: ray_cluster.get(actor.is_stale.remote(), timeout=30))
+        assert ray_cluster.get(actor.weight_version.remote()) == 0  # its initial weights
+        # Its next batch is refused (NeedsPrepare), the pool re-sends the buckets, retries.
+        pool.submit(prompts)
+        got = sorted(pool.drain(), key=lambda g: g.prompt.id)
+        assert all(isinstance(g, Generation) and g.weight_version == 3 for g in got)
+        _same_samples(got, other_reference, 1e-4 if backend == "hf" else 2e-3)
+        assert not ray_cluster.get(actor.is_stale.remote())
+    finally:
+        pool.shutdown()
+
+
+def _eventually(check, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except Exception:  # the actor is still restarting
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def test_buckets_split_in_order_within_the_limit():
+    state = {f"w{i}": np.zeros(n, np.float32) for i, n in enumerate([10, 10, 30, 5, 5, 5])}
+    got = _buckets(state, limit=80)  # 4 bytes per element
+    assert [list(b) for b in got] == [["w0", "w1"], ["w2"], ["w3", "w4", "w5"]]
+
+
+# ---------------------------------------------------------------------------- pool
+
+
+def test_resize_up_and_down_mid_stream_loses_and_duplicates_nothing(ray_cluster, backend,
+                                                                    models, prompts):
+    factory, cfg = _factory(backend, models["base"], replicas=1, batch_size=2, max_in_flight=1)
+    pool = GeneratorPool(factory, cfg)
+    many = [Prompt(id=f"{p.id}-{r}", text=p.text, token_ids=p.token_ids)
+            for r in range(3) for p in prompts]  # 18 prompts, 9 batches
+    try:
+        pool.submit(many)
+        got = pool.results()
+        pool.resize(3)
+        assert pool.size == 3
+        while len(got) < 6:
+            got += pool.results()
+        pool.resize(1)
+        assert pool.size == 1
+        got += pool.drain()
+        assert sorted(r.prompt.id for r in got) == sorted(p.id for p in many)
+        assert all(isinstance(r, Generation) for r in got)
+        assert pool.num_pending() == 0
+    finally:
+        pool.shutdown()

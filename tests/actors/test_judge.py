@@ -1,0 +1,337 @@
+"""The judge: one contract for all three backends, then the Ray actor and the judge pool.
+
+Contract (per prompt with K responses): logits are (K, K) with the diagonal ignored; P is
+`sppo.preference`'s matrix of those logits (P + P^T = 1, diagonal 1/2) and the win rates are its
+row means (so they average to 1/2); NaN or infinite logits give a `Failed` record with the
+reason, never an `Annotated` one. A reward model's logits r_i - r_j are antisymmetric, and so are
+a Python judge's when its probabilities are (p(a, b) = 1 - p(b, a)); PairRM's are not (it is
+position-sensitive), which is why both orders are evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from actors.engines.pairrm import PairRMEngine
+from actors.engines.python_judge import PythonJudgeEngine, resolve_function
+from actors.engines.reward_model import RewardModelEngine
+from actors.judge import Judge, JudgePool, annotate, make_judge_factory
+from sppo.config import JudgeConfig, PoolConfig
+from sppo.demo_judge import e_rate, prefers_more_e
+from sppo.preference import bt_probs, pairwise_probs, win_rates
+from sppo.records import Annotated, Failed, Generation, Prompt
+from sppo.tiny_pairrm import ensure_tiny_pairrm
+
+DEMO = "sppo.demo_judge:prefers_more_e"
+
+TEXTS = [
+    ["the tree is green", "a cat", "three sheep sleep here", "no"],
+    ["hello there, friend", "fish", "see the evening sea"],
+    ["what a day", "every week the teacher reads", "sun"],
+]
+
+
+def gens(texts=TEXTS, prefix="p") -> list[Generation]:
+    out = []
+    for n, t in enumerate(texts):
+        prompt = Prompt(id=f"{prefix}{n}", text=f"<|user|>\nprompt {n}<|end|>\n",
+                        token_ids=(1, 2), raw=f"say something about number {n}")
+        out.append(Generation(prompt=prompt, response_ids=[[5]] * len(t), texts=list(t),
+                              finish_reasons=["stop"] * len(t)))
+    return out
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_pairrm(tmp_path_factory):
+    return ensure_tiny_pairrm(tmp_path_factory.getbasetemp() / "tiny-pairrm")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_pairrm, tmp_path_factory):
+    """A sequence-classification reward model (num_labels=1) on the tiny DeBERTa backbone."""
+    from transformers import AutoTokenizer, DebertaV2ForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-rm")
+    torch.manual_seed(0)
+    model = DebertaV2ForSequenceClassification.from_pretrained(
+        str(tiny_pairrm.backbone_dir), num_labels=1)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_pairrm.backbone_dir)).save_pretrained(out)
+    return str(out)
+
+
+def _pairrm(tiny, **kw):
+    return PairRMEngine(str(tiny.ranker_dir), backbone=str(tiny.backbone_dir), batch_size=4,
+                        source_max_length=64, candidate_max_length=32, **kw)
+
+
+@pytest.fixture(scope="module", params=["pairrm", "reward_model", "python"])
+def backend(request, tiny_pairrm, tiny_rm_dir):
+    """(name, engine, poison): poison(engine) makes that engine's logits NaN from then on."""
+    name = request.param
+    if name == "pairrm":
+        def poison(e):
+            with torch.no_grad():
+                e.ranker.head_layer[4].bias.fill_(float("nan"))
+        return name, (lambda: _pairrm(tiny_pairrm)), poison
+    if name == "reward_model":
+        def poison(e):
+            with torch.no_grad():
+                e.model.classifier.bias.fill_(float("nan"))
+        return name, (lambda: RewardModelEngine(tiny_rm_dir, batch_size=4)), poison
+
+    def poison(e):
+        e.function = lambda prompt, a, b: float("nan")
+    return name, (lambda: PythonJudgeEngine(DEMO)), poison
+
+
+@pytest.fixture(scope="module")
+def engine(backend):
+    return backend[1]()
+
+
+# ---------------------------------------------------------------------------- contract
+
+
+def test_contract_shapes_probs_and_win_rates(backend, engine):
+    name = backend[0]
+    records = annotate(engine, gens())
+    assert [type(r) for r in records] == [Annotated] * len(TEXTS)
+    for rec, texts in zip(records, TEXTS):
+        k = len(texts)
+        logits, probs = np.array(rec.logits), np.array(rec.probs)
+        assert logits.shape == probs.shape == (k, k) and len(rec.win_rates) == k
+        np.testing.assert_allclose(probs, pairwise_probs(torch.tensor(logits)).numpy())
+        np.testing.assert_allclose(probs + probs.T, np.ones((k, k)), atol=1e-12)
+        np.testing.assert_allclose(np.diag(probs), 0.5)
+        np.testing.assert_allclose(rec.win_rates, probs.mean(axis=1))
+        assert abs(np.mean(rec.win_rates) - 0.5) < 1e-12
+        if name in ("reward_model", "python"):
+            np.testing.assert_allclose(logits, -logits.T, atol=1e-5)
+        assert np.ptp(rec.win_rates) > 0
+
+
+def test_contract_matches_engine_and_compare(engine):
+    """Records carry the engine's matrices; pair_logits gives the same entries."""
+    g = gens()
+    mats = engine.logits([x.prompt.raw for x in g], [x.texts for x in g])
+    for rec, mat in zip(annotate(engine, g), mats):
+        np.testing.assert_allclose(rec.logits, mat, atol=1e-5)
+    t = TEXTS[0]
+    pair = engine.pair_logits([g[0].prompt.raw] * 2, [t[0], t[2]], [t[1], t[0]])
+    np.testing.assert_allclose(pair, [mats[0][0, 1], mats[0][2, 0]], atol=1e-5)
+
+
+def test_contract_diagonal_is_ignored(engine):
+    """Whatever sits on the diagonal (even NaN) changes nothing."""
+
+    class NaNDiagonal:
+        def logits(self, prompts, candidates):
+            mats = engine.logits(prompts, candidates)
+            for m in mats:
+                np.fill_diagonal(m, np.nan)
+            return mats
+
+    plain, odd = annotate(engine, gens()), annotate(NaNDiagonal(), gens())
+    assert all(isinstance(r, Annotated) for r in odd)
+    for a, b in zip(plain, odd):
+        np.testing.assert_allclose(a.probs, b.probs)
+        np.testing.assert_allclose(a.win_rates, b.win_rates)
+
+
+def test_contract_nan_logits_fail_the_prompt(backend):
+    name, make, poison = backend
+    engine = make()
+    poison(engine)
+    records = annotate(engine, gens())
+    assert all(isinstance(r, Failed) and r.stage == "judge" for r in records), records
+    assert [r.prompt_id for r in records] == ["p0", "p1", "p2"]
+    assert "not finite" in records[0].reason
+
+
+def test_contract_bt_scores_mode(engine):
+    for rec in annotate(engine, gens(), preference="bt_scores"):
+        logits = torch.tensor(rec.logits, dtype=torch.float64)
+        np.testing.assert_allclose(rec.probs, bt_probs(logits).numpy())
+        np.testing.assert_allclose(rec.win_rates, win_rates(bt_probs(logits)).numpy())
+
+
+# ---------------------------------------------------------------------------- annotate
+
+
+class _Scripted:
+    """An engine returning fixed matrices, or raising for prompts that contain "boom"."""
+
+    def __init__(self, value=0.0):
+        self.value = value
+        self.calls = 0
+
+    def logits(self, prompts, candidates):
+        self.calls += 1
+        if any("boom" in p for p in prompts):
+            raise RuntimeError("boom in prompt")
+        mats = []
+        for c in candidates:
+            m = np.full((len(c), len(c)), 1.0)
+            m[0, -1] = self.value
+            mats.append(m)
+        return mats
+
+
+def test_infinite_logits_fail_with_reason():
+    rec = annotate(_Scripted(value=float("inf")), gens())[0]
+    assert isinstance(rec, Failed) and "(0, 3): inf" in rec.reason
+
+
+def test_engine_error_fails_only_its_prompt():
+    g = gens()
+    g[1] = replace(g[1], prompt=replace(g[1].prompt, raw="boom"))
+    records = annotate(_Scripted(), g)
+    assert [type(r) for r in records] == [Annotated, Failed, Annotated]
+    assert records[1].reason == "RuntimeError: boom in prompt"
+
+
+def test_fewer_than_two_responses_fail():
+    records = annotate(_Scripted(), gens([["only one"], ["a", "b"]]))
+    assert isinstance(records[0], Failed) and "at least 2" in records[0].reason
+    assert isinstance(records[1], Annotated)
+
+
+def test_judge_without_ray_and_its_compare():
+    judge = Judge(lambda: PythonJudgeEngine(DEMO))
+    assert [type(r) for r in judge.judge(gens())] == [Annotated] * 3
+    (logit,) = judge.compare(["p"], ["three trees"], ["a cat"])
+    p = prefers_more_e("p", "three trees", "a cat")
+    assert logit == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- python backend
+
+
+def test_python_function_paths_and_errors():
+    assert resolve_function("sppo.demo_judge:prefers_more_e") is prefers_more_e
+    assert resolve_function("sppo.demo_judge.prefers_more_e") is prefers_more_e
+    with pytest.raises(ImportError, match="no_such_module"):
+        resolve_function("no_such_module:f")
+    with pytest.raises(ImportError, match="'sppo.demo_judge:nope'.*no attribute 'nope'"):
+        resolve_function("sppo.demo_judge:nope")
+    with pytest.raises(TypeError, match="not a callable"):
+        resolve_function("sppo.demo_judge:SHARPNESS")
+    with pytest.raises(ValueError, match="expected"):
+        resolve_function("justaname")
+
+
+def test_python_probability_to_logit_and_clipping():
+    engine = PythonJudgeEngine(DEMO)
+    engine.function = lambda prompt, a, b: {"x": 1.0, "y": 0.25}[a]
+    got = engine.pair_logits(["p", "p"], ["x", "y"], ["y", "x"])
+    np.testing.assert_allclose(got, [math.log((1 - 1e-6) / 1e-6), math.log(0.25 / 0.75)],
+                               rtol=1e-5)
+    engine.function = lambda prompt, a, b: 1.5
+    with pytest.raises(ValueError, match="not a probability"):
+        engine.pair_logits(["p"], ["a"], ["b"])
+    as_logit = PythonJudgeEngine(DEMO, returns="logit")
+    as_logit.function = lambda prompt, a, b: 3.0
+    assert as_logit.pair_logits(["p"], ["a"], ["b"]).tolist() == [3.0]
+
+
+def test_demo_preference_is_readable_and_symmetric():
+    assert e_rate("tree") == 0.5 and e_rate("") == 0.0 and e_rate("Eve!") == 2 / 3
+    assert prefers_more_e("", "three trees", "a cat") > 0.5
+    assert prefers_more_e("", "a", "b") == 0.5
+    for a, b in [("see", "sun"), ("evening", ""), ("cat", "dog")]:
+        assert prefers_more_e("", a, b) + prefers_more_e("", b, a) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+def _records_by_id(records):
+    ids = [r.prompt_id if isinstance(r, Failed) else r.prompt.id for r in records]
+    assert len(ids) == len(set(ids)), f"duplicated records: {sorted(ids)}"
+    return dict(zip(ids, records))
+
+
+def test_pairrm_actor_matches_local_engine(ray_cluster, tiny_pairrm):
+    cfg = JudgeConfig(backend="pairrm", model_path=str(tiny_pairrm.ranker_dir),
+                      backbone=str(tiny_pairrm.backbone_dir), batch_size=4,
+                      source_max_length=64, candidate_max_length=32)
+    pool = JudgePool(make_judge_factory(cfg, PoolConfig(replicas=1, batch_size=2)),
+                     PoolConfig(replicas=1, batch_size=2))
+    try:
+        pool.submit(gens())
+        got = _records_by_id(pool.drain())
+        want = annotate(_pairrm(tiny_pairrm), gens())
+        for w in want:
+            np.testing.assert_allclose(got[w.prompt.id].logits, w.logits, atol=1e-5)
+            np.testing.assert_allclose(got[w.prompt.id].win_rates, w.win_rates, atol=1e-6)
+        actor = pool.actors()[0]
+        logits = ray_cluster.get(actor.compare.remote(["say something about number 0"],
+                                                      [TEXTS[0][1]], [TEXTS[0][2]]))
+        assert logits == pytest.approx([want[0].logits[1][2]], abs=1e-5)
+    finally:
+        pool.shutdown()
+
+
+def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
+    cfg = JudgeConfig(backend="python", function=DEMO, preference="bt_scores")
+    pool_cfg = PoolConfig(replicas=2, max_replicas=4, batch_size=2, max_in_flight=2)
+    pool = JudgePool(make_judge_factory(cfg, pool_cfg), pool_cfg)
+    words = ["tree", "cat", "evening", "sun", "sea", "dog", "three", "bread"]
+    texts = [[words[(n + i) % 8] + " " + words[(n * i) % 8] for i in range(4)] for n in range(40)]
+    generations = gens(texts, prefix="q")
+    try:
+        pool.submit(generations[:24])
+        got = pool.results()  # the first batches are in, the rest in flight or queued
+        pool.resize(4)  # grow while work is in flight
+        assert pool.size == 4
+        pool.submit(generations[24:])
+        got += pool.results()
+        pool.resize(1)  # shrink: three actors drain their in-flight batches
+        assert pool.size == 1
+        got += pool.drain()
+        assert pool.num_pending() == 0
+    finally:
+        pool.shutdown()
+    by_id = _records_by_id(got)
+    assert sorted(by_id) == sorted(g.prompt.id for g in generations)
+    want = annotate(PythonJudgeEngine(DEMO), generations, preference="bt_scores")
+    for w in want:
+        assert isinstance(by_id[w.prompt.id], Annotated)
+        np.testing.assert_allclose(by_id[w.prompt.id].probs, w.probs)
+
+
+def test_factory_takes_resources_from_config(monkeypatch):
+    """Resources and restarts come from `pools.judge` through `.options()`; the engine goes to
+    CUDA exactly when the pool asks for GPUs."""
+    import actors.judge as judge_mod
+
+    seen = {}
+
+    class FakeActorClass:
+        def options(self, **kw):
+            seen["options"] = kw
+            return self
+
+        def remote(self, build, preference):
+            seen["build"], seen["preference"] = build, preference
+            return "handle"
+
+    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: FakeActorClass())
+    cfg = JudgeConfig(backend="pairrm", model_path="/m", backbone="/b", preference="bt_scores")
+    factory = make_judge_factory(cfg, PoolConfig(num_cpus=3, num_gpus=0.5, max_restarts=1))
+    assert factory() == "handle"
+    assert seen["options"] == dict(num_cpus=3.0, num_gpus=0.5, max_restarts=1,
+                                   max_task_retries=0)
+    assert seen["preference"] == "bt_scores"
+    assert seen["build"].func is PairRMEngine
+    assert seen["build"].keywords["device"] == "cuda"
+    assert seen["build"].keywords["backbone"] == "/b"
