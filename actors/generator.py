@@ -92,6 +92,17 @@ class Generator:
         self._updating, self._stale = False, False
         return version
 
+    def receive_weights_collective(self, address, rank: int, layout, version: int) -> int:
+        """Join trainer rank 0's broadcast group as `rank` and load every bucket in place
+        (`actors.weights`: gloo on CPU, NCCL on GPU). Returns the new weight version."""
+        from actors.weights import receive_collective
+
+        self.start_weight_update()
+        device = "cuda" if address.backend == "nccl" else "cpu"
+        for bucket in receive_collective(address, rank, layout, device=device):
+            self.update_weights(bucket)
+        return self.finish_weight_update(version)
+
     def reload_weights(self, checkpoint_dir: str, version: int) -> None:
         """Load a checkpoint directory's weights in place (the slow, simple fallback)."""
         self._engine.reload_weights(checkpoint_dir, version)
@@ -196,6 +207,7 @@ class GeneratorPool:
         self._batch_size = pool_cfg.batch_size
         self._user_prepare = prepare
         self._buckets: Optional[list] = None  # ObjectRefs of the latest broadcast
+        self._checkpoint: Optional[str] = None  # HF dir of the latest collective sync
         self._version = 0
         self._pending = 0  # prompts submitted, records not yet returned
         self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
@@ -269,13 +281,18 @@ class GeneratorPool:
             raise RuntimeError(f"broadcast with {self._pool.num_pending()} batch(es) pending: "
                                "drain the pool first so no batch mixes two weight versions")
         self._buckets = [ray.put(b) for b in _buckets(state, int(bucket_mb * 2**20))]
-        self._version = version
+        self._version, self._checkpoint = version, None
         for actor, ref in [(a, self._push(a)) for a in self._pool.actors()]:
             try:
                 ray.get(ref)
             except RayActorError as exc:
                 # Restarted or replaced later; either way `_prepare` syncs it before work.
                 log.warning("generator %s died during the weight broadcast: %s", actor, exc)
+
+    def mark_synced(self, version: int, checkpoint_dir: str) -> None:
+        """Record a sync done outside the pool (the collective broadcast from trainer rank 0):
+        actors that join or restart later reload `checkpoint_dir` to reach `version`."""
+        self._version, self._buckets, self._checkpoint = version, None, checkpoint_dir
 
     def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
         # Calls from one caller to one actor run in submission order.
@@ -290,6 +307,9 @@ class GeneratorPool:
             return
         version, stale = ray.get([actor.weight_version.remote(), actor.is_stale.remote()])
         if version == self._version and not stale:
+            return
+        if self._checkpoint is not None:
+            ray.get(actor.reload_weights.remote(self._checkpoint, self._version))
             return
         # The latest broadcast; before any, an empty update (the weights it was built with are
         # the current ones) whose finish clears the stale flag.

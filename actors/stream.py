@@ -123,6 +123,7 @@ class TrainStream:
         self._finished = False
         self._generation = 0
         self._aborted: Optional[str] = None
+        self._sync_targets: dict[int, list] = {}  # round -> generator handles to broadcast to
 
     # ------------------------------------------------------------------ driver
 
@@ -159,6 +160,21 @@ class TrainStream:
         async with self._cond:
             self._finished = True
             self._cond.notify_all()
+
+    async def set_sync_targets(self, round_index: int, targets: list) -> None:
+        """The driver names the generators that rank 0 broadcasts round `round_index`'s
+        weights to (a collective hand-off waits for this)."""
+        async with self._cond:
+            self._sync_targets[round_index] = list(targets)
+            self._cond.notify_all()
+
+    async def sync_targets(self, round_index: int) -> list:
+        """Rank 0's side: wait until the driver has named the round's broadcast targets."""
+        async with self._cond:
+            await self._cond.wait_for(
+                lambda: round_index in self._sync_targets or self._aborted)
+            self._check_aborted()
+            return self._sync_targets.pop(round_index)
 
     async def step_metrics(self, round_index: int, start: int = 0) -> list[dict[str, Any]]:
         async with self._cond:

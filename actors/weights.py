@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-__all__ = ["TensorSpec", "WeightLayout", "SyncAddress", "CollectiveSender", "receive_collective",
+__all__ = ["CollectiveHandOff", "TensorSpec", "WeightLayout", "SyncAddress", "CollectiveSender", "receive_collective",
            "put_buckets", "bucket_arrays", "resolve_backend"]
 
 log = logging.getLogger(__name__)
@@ -224,3 +224,40 @@ def put_buckets(named: dict[str, torch.Tensor], layout: WeightLayout) -> list:
     import ray
 
     return [ray.put(bucket) for bucket in bucket_arrays(named, layout)]
+
+
+class CollectiveHandOff:
+    """Trainer rank 0's end-of-round hand-off that broadcasts the weights to the generators.
+
+    Passed to `actors.trainer.TrainerRun(hand_off=...)`. On rank 0 it waits for the driver to
+    name the round's generators (`TrainStream.set_sync_targets`), hosts a fresh rendezvous,
+    starts every generator's `receive_weights_collective` as rank 1..N, broadcasts the buckets
+    and waits for all of them. Returns the sync stats, which reach the driver as
+    `RoundResult.weights`. The new weight version is `round_index + 1`.
+    """
+
+    def __init__(self, stream, *, backend: str = "gloo", bucket_mb: float = 64.0,
+                 timeout_s: float = 600.0):
+        self.stream, self.backend = stream, backend
+        self.bucket_mb, self.timeout_s = bucket_mb, timeout_s
+
+    def __call__(self, full_state_dict: dict[str, torch.Tensor], round_index: int) -> dict:
+        import ray
+
+        targets = ray.get(self.stream.sync_targets.remote(round_index))
+        layout = WeightLayout.from_named(full_state_dict.items(), self.bucket_mb)
+        sender = CollectiveSender(self.backend, self.timeout_s)
+        world = 1 + len(targets)
+        address = sender.address(world)
+        version = round_index + 1
+        refs = [g.receive_weights_collective.remote(address, rank, layout, version)
+                for rank, g in enumerate(targets, start=1)]
+        stats = sender.send(full_state_dict, layout, world) if targets else \
+            {"bytes": layout.total_bytes, "seconds": 0.0, "buckets": len(layout.buckets)}
+        versions = ray.get(refs, timeout=self.timeout_s)
+        stats.update(method="collective", backend=self.backend, receivers=len(targets),
+                     versions=versions, version=version)
+        log.info("round %d: broadcast %.1f MB in %d buckets to %d generator(s) in %.2fs",
+                 round_index, stats["bytes"] / 1e6, stats["buckets"], len(targets),
+                 stats["seconds"])
+        return stats

@@ -121,7 +121,7 @@ class JudgeConfig:
     backend: Literal["pairrm", "reward_model", "python"] = "python"
     model_path: Optional[str] = None
     backbone: Optional[str] = None
-    function: Optional[str] = None
+    function: Optional[str] = "sppo.demo_judge:prefers_more_e"
     # What `function` returns for (prompt, a, b): a probability that a beats b, or a logit.
     function_returns: Literal["probability", "logit"] = "probability"
     batch_size: int = 32  # ordered pairs per forward pass

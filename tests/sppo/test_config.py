@@ -33,10 +33,9 @@ def write_yaml(tmp_path: Path, data) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="judge.backend defaults to 'python' with no default "
-                                        "judge.function, so bare defaults do not validate")
 def test_bare_defaults_validate():
-    Config().validate()
+    cfg = Config().validate()
+    assert cfg.judge.function == "sppo.demo_judge:prefers_more_e"
 
 
 def test_defaults_validate_once_a_judge_function_is_named():

@@ -1,0 +1,132 @@
+"""Entry point: `python -m sppo.driver [--config FILE] [--resume RUN_DIR] [key=value ...]`.
+
+Connects to the Ray cluster it was submitted to (`ray job submit` sets RAY_ADDRESS), or to
+`run.ray_address`, or starts a local Ray when there is none; checks the config against the
+cluster's resources before any work; then runs the rounds (`sppo.selfplay.SelfPlay`).
+
+With no arguments it runs the embedded demo, `configs/demo.yaml`. Exit codes: 0 done, 2 bad
+config, data or resources (nothing was started), 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from sppo.config import Config, ConfigError, apply_overrides, from_dict, load_config
+
+log = logging.getLogger("sppo.driver")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m sppo.driver", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help=f"YAML config (default: {DEMO_CONFIG.relative_to(REPO_ROOT)})")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR after its last completed round")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError([("--resume", f"{str(saved)!r} not found: not a run directory")])
+        import yaml
+
+        cfg = from_dict(apply_overrides(yaml.safe_load(saved.read_text()), args.overrides))
+        return cfg, run_dir
+    path = args.config or (DEMO_CONFIG if DEMO_CONFIG.is_file() else None)
+    cfg = load_config(path, args.overrides)
+    return cfg, Path(cfg.run.output_dir) / cfg.run.name
+
+
+def required_cpus(cfg: Config) -> float:
+    p = cfg.pools
+    trainer = 0 if cfg.trainer.use_gpu else cfg.trainer.num_workers
+    return (p.generator.replicas * p.generator.num_cpus + p.judge.replicas * p.judge.num_cpus
+            + trainer + 1)
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster this job runs on, or start a local one sized for the config."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+        return
+    try:
+        ray.init(address="auto", runtime_env={"env_vars": env})
+        log.info("connected to the running Ray cluster")
+    except ConnectionError:
+        # Logical CPUs: actors here mostly wait on each other, so more than the cores is fine.
+        num_cpus = max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
+        log.info("no Ray cluster found: starting a local one with %d logical CPUs", num_cpus)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = resolve_config(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from sppo.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    if not args.resume and (run_dir / "state.json").is_file():
+        print(f"error: {run_dir} already holds a run; use --resume {run_dir} to continue it or "
+              f"set run.name=... for a new one", file=sys.stderr)
+        return 2
+
+    import ray
+
+    from cluster.placement import check_resources
+    from sppo.data import DataError
+    from sppo.selfplay import SelfPlay
+
+    connect_ray(cfg)
+    problems = check_resources(cfg, ray.cluster_resources(), ray.nodes())
+    if problems:
+        print("error: the cluster cannot run this config:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 2
+    log.info("run directory: %s", run_dir)
+    job = SelfPlay(cfg, run_dir, resume=bool(args.resume))
+    try:
+        reports = job.run()
+    except (DataError, FileNotFoundError, OSError, ValueError) as exc:
+        if job.stage == "starting":
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    last = reports[-1] if reports else None
+    if last and last.get("win_rate_vs_round0"):
+        w = last["win_rate_vs_round0"]
+        log.info("final win rate against round 0: %.1f%% [%.1f, %.1f] over %d prompts",
+                 100 * w["mean"], 100 * w["ci_low"], 100 * w["ci_high"], w["n"])
+    log.info("done: %s", run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

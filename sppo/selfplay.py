@@ -1,0 +1,287 @@
+"""The self-play job: set up the pools and the trainer once, then run rounds.
+
+One round reads on one screen (`SelfPlay.round`): generate + judge + train (streamed together
+by `sppo.pipeline`), finish training, sync weights, checkpoint, evaluate; each a named, timed
+step. Everything a round produces goes to the run directory:
+
+    <run_dir>/config.yaml          resolved config
+    <run_dir>/data_report.txt      bad prompt rows, each with index and reason
+    <run_dir>/metrics.jsonl        one line per trainer step and per round
+    <run_dir>/rounds/round-<t>.json  the round report (counts, failures, timings, win rate)
+    <run_dir>/train/...            Ray Train checkpoints; `round-<t>/hf` loads with from_pretrained
+    <run_dir>/eval_baseline.jsonl  pi_0's responses on the held-out prompts
+    <run_dir>/progress.png         win rate against round 0 and loss per round
+    <run_dir>/state.json           completed rounds and the latest checkpoint (for --resume)
+
+Not here: command-line parsing and connecting to Ray (`sppo.driver`), the pools and trainer
+(`actors/`), the maths (`sppo.preference`, `sppo.loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import ray
+
+from actors.generator import GeneratorPool, make_generator_factory
+from actors.judge import JudgePool, make_judge_factory
+from actors.stream import create_stream
+from actors.trainer import TrainerRun, object_store_hand_off
+from actors.weights import CollectiveHandOff, resolve_backend
+from sppo.config import Config, dump_yaml
+from sppo.data import load_prompts, split_rounds
+from sppo.evaluate import cross_win_rate, merge_for_eval, summarize
+from sppo.pipeline import RoundPipeline
+from sppo.records import Annotated, Failed, Generation, Prompt
+from sppo.rows import rows_from_annotated
+from sppo.tiny import resolve_model_path
+
+log = logging.getLogger("sppo.driver")
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _gen_from_dict(d: dict) -> Generation:
+    p = d["prompt"]
+    prompt = Prompt(id=p["id"], text=p["text"], token_ids=tuple(p["token_ids"]), raw=p["raw"],
+                    reference=p.get("reference"))
+    return Generation(prompt=prompt, response_ids=d["response_ids"], texts=d["texts"],
+                      finish_reasons=d["finish_reasons"], logprobs=d.get("logprobs"),
+                      weight_version=d.get("weight_version", 0))
+
+
+class SelfPlay:
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.state_path = self.run_dir / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if resume and \
+            self.state_path.is_file() else {"completed_rounds": 0, "checkpoint": None}
+        self.reports: list[dict] = []
+        self.stage = "starting"
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self.base_model = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        prompts = load_prompts(cfg.data, tokenizer)  # raises before any work in "error" mode
+        (self.run_dir / "data_report.txt").write_text(prompts.summary(max_listed=1000) + "\n")
+        log.info("prompts: %s", prompts.summary(max_listed=5))
+        self.split = split_rounds(prompts.prompts, cfg.run.rounds, cfg.data.seed,
+                                  cfg.data.eval_prompts, cfg.data.max_prompts)
+        log.info("rounds: %s prompts per round; %d held out for evaluation",
+                 [len(s) for s in self.split.shards], len(self.split.eval))
+
+        start = self.state["completed_rounds"]
+        gen_model = self.state["checkpoint"] if start else self.base_model
+        self.generators = GeneratorPool(
+            make_generator_factory(gen_model, cfg.sampling, cfg.generator, cfg.pools.generator,
+                                   dtype=cfg.model.dtype), cfg.pools.generator)
+        if start:  # generators start from the checkpoint: its weights are version `start`
+            self.generators.mark_synced(start, gen_model)
+        self.judges = JudgePool(make_judge_factory(cfg.judge, cfg.pools.judge), cfg.pools.judge)
+        t = cfg.trainer
+        self.stream = create_stream(world_size=t.num_workers, global_batch_size=t.global_batch_size,
+                                    buffer_rows=max(t.stream_buffer, t.global_batch_size),
+                                    epochs=t.epochs, max_length=t.max_length,
+                                    selection=t.selection, reference=t.reference,
+                                    seed=cfg.run.seed)
+        self.sync_method = cfg.weight_sync.method
+        if self.sync_method == "auto":
+            self.sync_method = "collective"
+        if self.sync_method == "collective":
+            hand_off = CollectiveHandOff(self.stream,
+                                         backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
+                                         bucket_mb=cfg.weight_sync.bucket_mb,
+                                         timeout_s=cfg.weight_sync.timeout_s)
+        else:
+            hand_off = object_store_hand_off
+        self.trainer = TrainerRun(model_path=self.base_model, trainer=t, stream=self.stream,
+                                  storage_path=str(self.run_dir), name="train",
+                                  hand_off=hand_off).start()
+
+    # ------------------------------------------------------------------ the job
+
+    def run(self) -> list[dict]:
+        self.setup()
+        try:
+            with self._step("baseline", {}):
+                self.baseline = self._baseline()
+            for t in range(self.state["completed_rounds"], self.cfg.run.rounds):
+                self.reports.append(self.round(t))
+            self.trainer.finish(timeout_s=600)
+        finally:
+            self.generators.shutdown()
+            self.judges.shutdown()
+        self.stage = "finished"
+        return self.reports
+
+    def round(self, t: int) -> dict:
+        """generate + judge + train (streamed) -> finish training -> sync -> checkpoint -> evaluate."""
+        shard, timings = self.split.shards[t], {}
+        log.info("round %d/%d: %d prompts", t + 1, self.cfg.run.rounds, len(shard))
+        with self._step("generate+judge+train", timings):
+            outcome = self._stream_round(t, shard)
+        with self._step("train", timings):
+            result = self.trainer.wait_round_done(t)
+        with self._step("sync", timings):
+            sync = self._sync(t, result)
+        with self._step("checkpoint", timings):
+            steps = ray.get(self.stream.step_metrics.remote(t))
+            self._log_metrics(t, steps)
+        with self._step("evaluate", timings):
+            win = self.evaluate(t + 1)
+        report = {"round": t, "prompts": outcome.summary(), "failed": [
+                      dataclasses.asdict(f) for f in outcome.failed],
+                  "trainer": result.report, "sync": sync, "timings_s": timings,
+                  "checkpoint": str(Path(result.checkpoint_path) / "hf"),
+                  "win_rate_vs_round0": win.as_dict() if win else None,
+                  "mean_loss": (sum(s["loss"] for s in steps) / len(steps)) if steps else None}
+        _write_json(self.run_dir / "rounds" / f"round-{t}.json", report)
+        self.state = {"completed_rounds": t + 1, "checkpoint": report["checkpoint"]}
+        _write_json(self.state_path, self.state)
+        self._append_metrics({"kind": "round", "round": t, **{
+            k: report[k] for k in ("win_rate_vs_round0", "mean_loss", "timings_s")},
+            "accounted": outcome.summary()})
+        self._plot()
+        log.info("round %d done: %d annotated, %d failed, %d rows; win rate vs round 0: %s; "
+                 "timings %s", t, outcome.annotated, len(outcome.failed), outcome.rows,
+                 win if win else "n/a", {k: round(v, 1) for k, v in timings.items()})
+        return report
+
+    # ------------------------------------------------------------------ steps
+
+    def _stream_round(self, t: int, shard: list[Prompt]):
+        cfg = self.cfg
+        per_prompt = 1 if cfg.trainer.selection == "pair" else cfg.sampling.k
+        ray.get(self.stream.begin_round.remote(t, len(shard) * per_prompt))
+        pipeline = RoundPipeline(
+            self.generators, self.judges,
+            sink=lambda rows: ray.get(self.stream.put.remote(t, rows)),
+            to_rows=lambda a: rows_from_annotated(a, cfg.trainer.selection),
+            generate_batch=cfg.pools.generator.batch_size,
+            judge_batch=cfg.pools.judge.batch_size,
+            progress=lambda p: log.info("round %d progress: %s", t, p))
+        self.stage = f"round {t}: generate+judge+train"
+        outcome = pipeline.run(shard)
+        if self.sync_method == "collective":
+            # Named before the stream ends: rank 0 broadcasts to exactly these generators.
+            ray.get(self.stream.set_sync_targets.remote(t, self.generators.actors()))
+        ray.get(self.stream.end_round.remote(t))
+        return outcome
+
+    def _sync(self, t: int, result) -> dict:
+        version = t + 1
+        if self.sync_method == "collective":
+            stats = dict(result.weights)
+            self.generators.mark_synced(version, str(Path(result.checkpoint_path) / "hf"))
+        else:
+            t0 = time.perf_counter()
+            arrays = ray.get(result.weights)
+            self.generators.broadcast_object_store(arrays, version, self.cfg.weight_sync.bucket_mb)
+            stats = {"method": "object_store", "seconds": time.perf_counter() - t0,
+                     "bytes": sum(a.nbytes for a in arrays.values())}
+        versions = self.generators.versions()
+        if any(v != version for v in versions):
+            raise RuntimeError(f"after round {t} the generators hold weight versions "
+                               f"{versions}, expected all {version}")
+        stats["generator_versions"] = versions
+        return stats
+
+    def _generate_all(self, prompts: list[Prompt]) -> dict[str, Generation]:
+        self.generators.submit(prompts)
+        out = {}
+        for rec in self.generators.drain():
+            if isinstance(rec, Generation):
+                out[rec.prompt.id] = rec
+            else:
+                log.warning("evaluation prompt %s failed: %s", rec.prompt_id, rec.reason)
+        return out
+
+    def _baseline(self) -> dict[str, Generation]:
+        """pi_0's responses on the held-out prompts (saved, so a resumed run reuses them)."""
+        path = self.run_dir / "eval_baseline.jsonl"
+        if path.is_file():
+            return {g.prompt.id: g for g in map(_gen_from_dict, map(
+                json.loads, path.read_text().splitlines()))}
+        if self.state["completed_rounds"]:
+            log.warning("no saved round-0 responses: evaluation is against the resumed policy")
+        gens = self._generate_all(self.split.eval) if self.split.eval else {}
+        path.write_text("".join(json.dumps(dataclasses.asdict(g)) + "\n" for g in gens.values()))
+        return gens
+
+    def evaluate(self, version: int):
+        """Win rate of the current generators' policy against pi_0 on the held-out prompts."""
+        if not self.baseline:
+            return None
+        current = self._generate_all([g.prompt for g in self.baseline.values()])
+        merged = [merge_for_eval(current[pid], base) for pid, base in self.baseline.items()
+                  if pid in current]
+        self.judges.submit(merged)
+        per_prompt = [cross_win_rate(rec.probs, len(rec.probs) // 2)
+                      for rec in self.judges.drain() if isinstance(rec, Annotated)]
+        return summarize(per_prompt)
+
+    # ------------------------------------------------------------------ output
+
+    @contextlib.contextmanager
+    def _step(self, name: str, timings: dict):
+        self.stage = name
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 3)
+
+    def _append_metrics(self, line: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    def _log_metrics(self, t: int, steps: list[dict]) -> None:
+        for s in steps:
+            self._append_metrics({"kind": "step", "round": t, **s})
+            if s.get("step", 0) % self.cfg.run.log_every == 0:
+                log.info("round %d step %s: loss %.4g log-ratio %.4g grad-norm %.3g lr %.3g",
+                         t, s.get("step"), s.get("loss", float("nan")),
+                         s.get("log_ratio", float("nan")), s.get("grad_norm", float("nan")),
+                         s.get("lr", float("nan")))
+
+    def _plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        reports = sorted((json.loads(p.read_text()) for p in
+                          (self.run_dir / "rounds").glob("round-*.json")),
+                         key=lambda r: r["round"])
+        xs = [r["round"] + 1 for r in reports]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+        wins = [r["win_rate_vs_round0"] for r in reports]
+        if any(wins):
+            pts = [(x, w) for x, w in zip(xs, wins) if w]
+            a.errorbar([x for x, _ in pts], [100 * w["mean"] for _, w in pts],
+                       yerr=[[100 * (w["mean"] - w["ci_low"]) for _, w in pts],
+                             [100 * (w["ci_high"] - w["mean"]) for _, w in pts]],
+                       marker="o", capsize=4)
+        a.axhline(50, color="grey", ls="--")
+        a.set(title="win rate vs round 0 (%)", xlabel="round", xticks=xs)
+        b.plot(xs, [r["mean_loss"] for r in reports], marker="o")
+        b.set(title="mean SPPO loss", xlabel="round", xticks=xs)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "progress.png", dpi=90)
+        plt.close(fig)
