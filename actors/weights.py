@@ -105,6 +105,7 @@ class SyncAddress:
     world_size: int  # 1 (sender) + number of receivers
     backend: str  # "gloo" | "nccl"
     timeout_s: float
+    group: str = "sppo-weights-1"  # store prefix: one per sync, so keys never collide
 
 
 def resolve_backend(backend: str, use_gpu: bool) -> str:
@@ -124,12 +125,12 @@ def _node_ip() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def _make_group(backend: str, store, rank: int, world_size: int, timeout_s: float):
+def _make_group(backend: str, store, rank: int, world_size: int, timeout_s: float, group: str):
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    # A prefix keeps this group's keys apart from anything else on the store.
-    prefixed = dist.PrefixStore("sppo-weights", store)
+    # A prefix per sync keeps this group's rendezvous keys apart from earlier groups'.
+    prefixed = dist.PrefixStore(group, store)
     if backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     if backend == "nccl":
@@ -164,19 +165,24 @@ class CollectiveSender:
         self.host = host or _node_ip()
         self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=timeout_s))
+        self._syncs = 0
 
     @property
     def port(self) -> int:
         return self._store.port
 
     def address(self, world_size: int) -> SyncAddress:
-        return SyncAddress(self.host, self.port, world_size, self.backend, self.timeout_s)
+        """The address of the next `send`; call once per send."""
+        self._syncs += 1
+        return SyncAddress(self.host, self.port, world_size, self.backend, self.timeout_s,
+                           f"sppo-weights-{self._syncs}")
 
     def send(self, named: dict[str, torch.Tensor], layout: WeightLayout, world_size: int) -> dict:
         """Broadcast every bucket; returns {"bytes", "seconds", "buckets"}."""
         device = torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
         t0 = time.perf_counter()
-        group = _make_group(self.backend, self._store, 0, world_size, self.timeout_s)
+        group = _make_group(self.backend, self._store, 0, world_size, self.timeout_s,
+                            f"sppo-weights-{self._syncs}")
         for b, idx in enumerate(layout.buckets):
             parts = [named[layout.specs[i].name].detach().reshape(-1) for i in idx]
             flat = torch.cat(parts).to(device) if len(parts) > 1 else parts[0].to(device)
@@ -198,7 +204,8 @@ def receive_collective(address: SyncAddress, rank: int, layout: WeightLayout,
 
     store = dist.TCPStore(address.host, address.port, is_master=False,
                           timeout=datetime.timedelta(seconds=address.timeout_s))
-    group = _make_group(address.backend, store, rank, address.world_size, address.timeout_s)
+    group = _make_group(address.backend, store, rank, address.world_size, address.timeout_s,
+                        address.group)
     dev = torch.device(device)
     for b in range(len(layout.buckets)):
         spec0 = layout.specs[layout.buckets[b][0]]

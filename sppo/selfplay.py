@@ -104,7 +104,9 @@ class SelfPlay:
                                     seed=cfg.run.seed)
         self.sync_method = cfg.weight_sync.method
         if self.sync_method == "auto":
-            self.sync_method = "collective"
+            # NCCL between GPUs; on CPU the object store (shared memory on a node) measured
+            # ~8x the bandwidth of a gloo broadcast over loopback (bench/pipeline.py).
+            self.sync_method = "collective" if t.use_gpu else "object_store"
         if self.sync_method == "collective":
             hand_off = CollectiveHandOff(self.stream,
                                          backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
