@@ -107,6 +107,11 @@ class SelfPlay:
             # NCCL between GPUs; on CPU the object store (shared memory on a node) measured
             # ~8x the bandwidth of a gloo broadcast over loopback (bench/pipeline.py).
             self.sync_method = "collective" if t.use_gpu else "object_store"
+        if self.sync_method == "vllm":
+            # The generators expose vLLM's weight-transfer methods (actors/generator.py), but the
+            # trainer-side sender is not wired into the hand-off yet.
+            raise ValueError("weight_sync.method 'vllm' is not available yet: use 'collective' "
+                             "(NCCL on GPU) or 'object_store'")
         if self.sync_method == "collective":
             hand_off = CollectiveHandOff(self.stream,
                                          backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
