@@ -34,7 +34,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from actors.engines.generation import GenerationEngine, Record
-from actors.pool import ActorPool, NeedsPrepare, PoolCallError
+from actors.pool import ActorPool, BatchedPool, NeedsPrepare
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Failed, Prompt
 
@@ -190,84 +190,33 @@ def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: Gener
     return GeneratorFactory(build, pool, tensor_parallel=False)
 
 
-def _generate(actor: ActorHandle, batch: list[Prompt]) -> "ray.ObjectRef":
-    return actor.generate.remote(batch)
-
-
-class GeneratorPool:
+class GeneratorPool(BatchedPool):
     """Generator actors behind an `ActorPool`: prompts in, one record per prompt out.
 
     `prepare(actor)` replaces the built-in re-sync (object-store buckets of the latest
-    `broadcast_object_store`) run on every new or restarted actor before it takes work."""
+    `broadcast_object_store`, or the checkpoint of the latest collective sync) run on every new
+    or restarted actor before it takes work."""
+
+    stage = "generate"
 
     def __init__(self, factory: Callable[[], ActorHandle], pool_cfg: PoolConfig,
                  prepare: Optional[Callable[[ActorHandle], None]] = None, *,
                  pool_cls: type = ActorPool):
-        self._factory = factory
-        self._batch_size = pool_cfg.batch_size
         self._user_prepare = prepare
         self._buckets: Optional[list] = None  # ObjectRefs of the latest broadcast
         self._checkpoint: Optional[str] = None  # HF dir of the latest collective sync
         self._version = 0
-        self._pending = 0  # prompts submitted, records not yet returned
-        self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
-                              prepare=self._prepare, name="generator")
+        super().__init__(factory, pool_cfg, prepare=self._prepare, pool_cls=pool_cls)
 
-    # ------------------------------------------------------------------ work
+    def _call(self, actor: ActorHandle, batch: list[Prompt]) -> "ray.ObjectRef":
+        return actor.generate.remote(batch)
 
-    def submit(self, prompts: Sequence[Prompt]) -> None:
-        """Queue prompts in batches of `batch_size`; never blocks."""
-        prompts = list(prompts)
-        for i in range(0, len(prompts), self._batch_size):
-            self._pool.submit(prompts[i: i + self._batch_size], _generate)
-        self._pending += len(prompts)
-
-    def results(self, timeout: Optional[float] = None) -> list[Record]:
-        """Records of finished batches (waits up to `timeout`; None: until one is done)."""
-        return self._records(self._pool.results(timeout))
-
-    def drain(self) -> list[Record]:
-        """Wait for every pending prompt's record."""
-        return self._records(self._pool.drain())
-
-    def _records(self, done: list[tuple[list[Prompt], Any]]) -> list[Record]:
-        out: list[Record] = []
-        for batch, res in done:
-            if isinstance(res, PoolCallError):
-                out.extend(Failed(p.id, "generate", res.reason) for p in batch)
-            else:
-                out.extend(res)
-        self._pending -= len(out)
-        return out
-
-    def free_slots(self) -> int:
-        """Prompts that could start now without queueing (negative: a backlog)."""
-        return self._pool.free_slots() * self._batch_size
-
-    def num_pending(self) -> int:
-        """Prompts submitted whose records have not been returned yet."""
-        return self._pending
-
-    # ------------------------------------------------------------------ size
-
-    def resize(self, n: int) -> None:
-        self._pool.resize(n)
-
-    @property
-    def size(self) -> int:
-        return self._pool.size
-
-    def actors(self) -> list[ActorHandle]:
-        return self._pool.actors()
+    @staticmethod
+    def _item_id(prompt: Prompt) -> str:
+        return prompt.id
 
     def versions(self) -> list[int]:
         return ray.get([a.weight_version.remote() for a in self._pool.actors()])
-
-    def shutdown(self) -> None:
-        self._pool.shutdown()
-        release = getattr(self._factory, "release", None)
-        if release is not None:
-            release()
 
     # ------------------------------------------------------------------ weights
 

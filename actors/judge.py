@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from ray.actor import ActorHandle
 
-from actors.pool import ActorPool, PoolCallError
+from actors.pool import ActorPool, BatchedPool
 from sppo.config import JudgeConfig, PoolConfig
 from sppo.preference import check_finite, preference_matrix, win_rates
 from sppo.records import Annotated, Failed, Generation
@@ -151,62 +151,18 @@ def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig) -> Callable[[], Actor
     return factory
 
 
-def _judge(actor: ActorHandle, batch: list[Generation]) -> "ray.ObjectRef":
-    return actor.judge.remote(batch)
-
-
-class JudgePool:
+class JudgePool(BatchedPool):
     """Judge actors behind an `ActorPool`: generations in, one record per prompt out."""
+
+    stage = "judge"
 
     def __init__(self, factory: Callable[[], ActorHandle], pool_cfg: PoolConfig, *,
                  pool_cls: type = ActorPool):
-        self._batch_size = pool_cfg.batch_size
-        self._pending = 0  # prompts submitted, records not yet returned
-        self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
-                              name="judge")
+        super().__init__(factory, pool_cfg, pool_cls=pool_cls)
 
-    def submit(self, generations: Sequence[Generation]) -> None:
-        """Queue generations in batches of `batch_size` prompts; never blocks."""
-        generations = list(generations)
-        for i in range(0, len(generations), self._batch_size):
-            self._pool.submit(generations[i: i + self._batch_size], _judge)
-        self._pending += len(generations)
+    def _call(self, actor: ActorHandle, batch: list[Generation]) -> "ray.ObjectRef":
+        return actor.judge.remote(batch)
 
-    def results(self, timeout: Optional[float] = None) -> list[Record]:
-        """Records of finished batches (waits up to `timeout`; None: until one is done)."""
-        return self._records(self._pool.results(timeout))
-
-    def drain(self) -> list[Record]:
-        """Wait for every pending prompt's record."""
-        return self._records(self._pool.drain())
-
-    def _records(self, done: list[tuple[list[Generation], Any]]) -> list[Record]:
-        out: list[Record] = []
-        for batch, res in done:
-            if isinstance(res, PoolCallError):
-                out.extend(Failed(g.prompt.id, "judge", res.reason) for g in batch)
-            else:
-                out.extend(res)
-        self._pending -= len(out)
-        return out
-
-    def free_slots(self) -> int:
-        """Prompts that could start now without queueing (negative: a backlog)."""
-        return self._pool.free_slots() * self._batch_size
-
-    def num_pending(self) -> int:
-        """Prompts submitted whose records have not been returned yet."""
-        return self._pending
-
-    def resize(self, n: int) -> None:
-        self._pool.resize(n)
-
-    @property
-    def size(self) -> int:
-        return self._pool.size
-
-    def actors(self) -> list[ActorHandle]:
-        return self._pool.actors()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown()
+    @staticmethod
+    def _item_id(generation: Generation) -> str:
+        return generation.prompt.id

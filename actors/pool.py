@@ -29,7 +29,9 @@ from typing import Any, Callable, Optional
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-__all__ = ["ActorPool", "PoolCallError", "NeedsPrepare"]
+from sppo.records import Failed
+
+__all__ = ["ActorPool", "BatchedPool", "PoolCallError", "NeedsPrepare"]
 
 log = logging.getLogger(__name__)
 
@@ -268,3 +270,76 @@ class ActorPool:
             except Exception:  # already gone
                 pass
 
+
+
+class BatchedPool:
+    """Items in, one record per item out: an `ActorPool` fed in batches of
+    `pool_cfg.batch_size`, where a batch the pool gave up on becomes one `Failed` record per
+    item. The generator and judge pools are this with their own call and stage name; counts
+    (`free_slots`, `num_pending`) are in items, not batches."""
+
+    stage = "pool"
+
+    def __init__(self, factory: Callable[[], Any], pool_cfg, *,
+                 prepare: Optional[Callable[[Any], None]] = None, pool_cls: type = ActorPool):
+        self._factory = factory
+        self._batch_size = pool_cfg.batch_size
+        self._pending = 0  # items submitted, records not yet returned
+        self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
+                              prepare=prepare, name=self.stage)
+
+    def _call(self, actor: Any, batch: list) -> "ray.ObjectRef":
+        raise NotImplementedError
+
+    @staticmethod
+    def _item_id(item: Any) -> str:
+        raise NotImplementedError
+
+    def submit(self, items) -> None:
+        """Queue items in batches of `batch_size`; never blocks."""
+        items = list(items)
+        for i in range(0, len(items), self._batch_size):
+            self._pool.submit(items[i: i + self._batch_size], self._call)
+        self._pending += len(items)
+
+    def results(self, timeout: Optional[float] = None) -> list:
+        """Records of finished batches (waits up to `timeout`; None: until one is done)."""
+        return self._records(self._pool.results(timeout))
+
+    def drain(self) -> list:
+        """Wait for every pending item's record."""
+        return self._records(self._pool.drain())
+
+    def _records(self, done: list[tuple[list, Any]]) -> list:
+        out: list = []
+        for batch, res in done:
+            if isinstance(res, PoolCallError):
+                out.extend(Failed(self._item_id(x), self.stage, res.reason) for x in batch)
+            else:
+                out.extend(res)
+        self._pending -= len(out)
+        return out
+
+    def free_slots(self) -> int:
+        """Items that could start now without queueing (negative: a backlog)."""
+        return self._pool.free_slots() * self._batch_size
+
+    def num_pending(self) -> int:
+        """Items submitted whose records have not been returned yet."""
+        return self._pending
+
+    def resize(self, n: int) -> None:
+        self._pool.resize(n)
+
+    @property
+    def size(self) -> int:
+        return self._pool.size
+
+    def actors(self) -> list:
+        return self._pool.actors()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown()
+        release = getattr(self._factory, "release", None)  # e.g. placement groups
+        if release is not None:
+            release()
