@@ -44,9 +44,9 @@ def test_defaults_validate_once_a_judge_function_is_named():
     assert cfg.judge.function == "mypkg.rules:prefer_short"
 
 
-def test_bare_defaults_only_miss_the_judge_function():
+def test_python_judge_without_a_function_names_the_field():
     with pytest.raises(ConfigError) as exc:
-        Config().validate()
+        from_dict({"judge": {"backend": "python", "function": None}})
     assert list(problems(exc)) == ["judge.function"]
 
 
