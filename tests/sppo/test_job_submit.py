@@ -60,8 +60,12 @@ def test_ray_job_submit_runs_the_driver(tmp_path):
                "--", "python", "-m", "sppo.driver", "run.rounds=1", "run.name=submitted",
                "data.max_prompts=8", "data.eval_prompts=4", "sampling.max_new_tokens=8",
                f"run.output_dir={out_dir}", f"model.cache_dir={tmp_path / 'cache'}"]
-        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        log = job.stdout + job.stderr
+        for _ in range(10):
+            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:  # the head's job agent may still be starting
+                break
+            time.sleep(5)
         assert "succeeded" in log, log[-4000:]
         report = json.loads((out_dir / "submitted" / "rounds" / "round-0.json").read_text())
         assert report["prompts"]["annotated"] + report["prompts"]["failed"] == 8
