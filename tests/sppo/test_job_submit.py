@@ -38,11 +38,17 @@ def test_ray_job_submit_runs_the_driver(tmp_path):
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # Ports of its own: the test session's cluster holds the defaults (the dashboard agent's
+    # 52365 among them), and a second head on them would have no job agent.
+    ports = [f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}"]
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are limited
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=8",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{dash}"
