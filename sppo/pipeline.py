@@ -64,7 +64,6 @@ class RoundOutcome:
     generate_busy_s: float = 0.0
     judge_busy_s: float = 0.0
     sink_busy_s: float = 0.0
-    win_rate_means: list[float] = field(default_factory=list)  # per annotated prompt (diagnostic)
 
     def failed_by_reason(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -188,7 +187,6 @@ class RoundPipeline:
                         continue
                     finish(rec.prompt.id)
                     out.annotated += 1
-                    out.win_rate_means.append(sum(rec.win_rates) / len(rec.win_rates))
                     rows.extend(made)
                 if rows:
                     t0 = time.perf_counter()

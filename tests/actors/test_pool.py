@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import ray
 
-from actors.pool import ActorPool, NeedsPrepare, PoolCallError
-
-
-class Echo:
-    """Returns its input after `delay` seconds; can be told to fail or to need preparing."""
-
-    def __init__(self, delay: float = 0.05):
-        self.delay = delay
-        self.prepared = False
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-
-    def prepare(self):
-        self.prepared = True
-
-    def work(self, x, need_prepared: bool = False):
-        if need_prepared and not self.prepared:
-            raise NeedsPrepare()
-        time.sleep(self.delay)
-        if x == "boom":
-            raise ValueError("bad item boom")
-        return (x, os.getpid())
-
-    def pid(self):
-        return os.getpid()
+from actors.pool import ActorPool, PoolCallError
+from ray_echo import Echo
 
 
 def _factory(delay=0.05, max_restarts=0):

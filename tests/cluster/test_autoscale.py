@@ -5,7 +5,6 @@ echo actors through a backlog and back.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -13,6 +12,7 @@ import ray
 
 from actors.pool import ActorPool, PoolCallError
 from cluster.autoscale import QueueAutoscaler, cluster_has_room, scale_pool
+from ray_echo import Echo
 
 
 def _policy(**overrides) -> QueueAutoscaler:
@@ -83,15 +83,6 @@ def test_cluster_has_room(ray_cluster):
     assert not cluster_has_room(num_cpus=1e6, num_gpus=0)
     gpus = ray.available_resources().get("GPU", 0.0)
     assert not cluster_has_room(num_cpus=0, num_gpus=gpus + 1)
-
-
-class Echo:
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def work(self, x):
-        time.sleep(self.delay)
-        return (x, os.getpid())
 
 
 def test_a_backlog_grows_a_real_pool_and_idling_shrinks_it(ray_cluster):

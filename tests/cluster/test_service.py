@@ -19,6 +19,7 @@ import ray
 
 from actors.pool import ActorPool
 from cluster.service import PROMETHEUS_CONTENT_TYPE, ControlServer, create_app, resolve_token
+from ray_echo import Echo
 
 TOKEN_ENV = "SPPO_TEST_SERVICE_TOKEN"
 
@@ -31,20 +32,6 @@ AUTHED = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     ("GET", "/openapi.json", None),
 ]
-
-
-class Echo:
-    """Returns `(x, pid)` after `delay` seconds."""
-
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def work(self, x):
-        time.sleep(self.delay)
-        return (x, os.getpid())
-
-    def pid(self):
-        return os.getpid()
 
 
 def _work(actor, x):
