@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/judge.py
 	$(PY) bench/train.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -5,9 +5,11 @@
   engine cannot: whether Ray restarted it (a restarted actor re-ran `__init__` and holds the
   weights it was built with, so it refuses work with `NeedsPrepare` until re-synced) and
   whether a weight update is half done (a failed bucket fails the update instead of letting
-  `finish_weight_update` stamp a version on partial weights).
-- `make_generator_factory`: builds actors with resources from the config through `.options()`;
-  vLLM with tensor parallelism gets a placement group per actor.
+  `finish_weight_update` stamp a version on partial weights). `chat` answers the control
+  service's chat requests with the current weights and per-request sampling.
+- `make_generator_factory`: builds actors with resources from the config through `.options()`,
+  on `role: generator` nodes (`cluster.placement`); vLLM with tensor parallelism gets a
+  placement group per actor.
 - `GeneratorPool`: the generic `ActorPool` with prompts in and records out; splits prompts into
   batches of `pools.generator.batch_size`, turns a batch the pool gave up on into `Failed`
   records, and owns the object-store weight broadcast and the re-sync of new or restarted
@@ -18,7 +20,7 @@ Weight-update protocol (also what vLLM's `RayVLLMWeightSyncClient` drives, by th
 `finish_weight_update(version)`. Any prepare function passed to `GeneratorPool` must end a
 re-sync with `finish_weight_update`, which is what clears a restarted actor's stale flag.
 
-Not here: the collective (gloo/NCCL) weight broadcast (`actors/weight_sync.py`), scaling
+Not here: the collective (gloo/NCCL) weight broadcast (`actors/weights.py`), scaling
 policy, and the dispatch itself (`actors/pool.py`).
 """
 
@@ -38,9 +40,14 @@ from actors.pool import ActorPool, BatchedPool, NeedsPrepare
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Failed, Prompt
 
-__all__ = ["Generator", "GeneratorFactory", "make_generator_factory", "GeneratorPool"]
+__all__ = ["Generator", "WeightsUnavailable", "GeneratorFactory", "make_generator_factory",
+           "GeneratorPool"]
 
 log = logging.getLogger(__name__)
+
+
+class WeightsUnavailable(RuntimeError):
+    """The generator cannot answer now (restarted, or a weight update in progress)."""
 
 
 class Generator:
@@ -57,6 +64,16 @@ class Generator:
         if self._stale:
             raise NeedsPrepare("generator was restarted and holds its initial weights")
         return self._engine.generate(prompts)
+
+    def chat(self, token_ids: list[int], *, max_tokens: int, temperature: float, top_p: float,
+             n: int, seed: int) -> list[dict]:
+        """`n` completions of one templated, tokenized conversation with the current weights
+        (the control service's chat). Refused while the weights are stale or mid-update, so
+        an answer never comes from a half-loaded model."""
+        if self._stale or self._updating:
+            raise WeightsUnavailable("this generator's weights are being updated")
+        return self._engine.chat(token_ids, max_tokens=max_tokens, temperature=temperature,
+                                 top_p=top_p, n=n, seed=seed)
 
     def weight_version(self) -> int:
         return self._engine.weight_version
@@ -133,18 +150,24 @@ class GeneratorFactory:
         self._placement_groups: list = []
 
     def __call__(self) -> ActorHandle:
+        from cluster.placement import actor_options
+
         p = self._pool
-        options: dict[str, Any] = dict(num_cpus=p.num_cpus, num_gpus=p.num_gpus,
-                                       max_restarts=p.max_restarts, max_task_retries=0)
+        # On `role: generator` nodes of a role-labelled cluster, anywhere otherwise.
+        options: dict[str, Any] = actor_options("generator", p.num_cpus, p.num_gpus)
+        options.update(max_restarts=p.max_restarts, max_task_retries=0)
         if self._tensor_parallel:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             # The actor holds no GPU itself: vLLM starts one Ray worker per bundle, inside
-            # this group because the actor captures its child tasks.
+            # this group because the actor captures its child tasks. The group, not the
+            # actor, carries the placement.
             bundles = [{"GPU": 1.0, "CPU": p.num_cpus}] + [{"GPU": 1.0}] * (
                 p.tensor_parallel_size - 1)
-            pg = placement_group(bundles, strategy="PACK")
+            selector = options.pop("label_selector", None)
+            pg = placement_group(bundles, strategy="PACK", **(
+                {"bundle_label_selector": [selector] * len(bundles)} if selector else {}))
             self._placement_groups.append(pg)
             options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=0,
@@ -215,8 +238,13 @@ class GeneratorPool(BatchedPool):
     def _item_id(prompt: Prompt) -> str:
         return prompt.id
 
+    @property
+    def version(self) -> int:
+        """The weight version every actor holds, or is brought to before it takes work."""
+        return self._version
+
     def versions(self) -> list[int]:
-        return ray.get([a.weight_version.remote() for a in self._pool.actors()])
+        return ray.get([a.weight_version.remote() for a in self.actors()])
 
     # ------------------------------------------------------------------ weights
 
@@ -226,22 +254,32 @@ class GeneratorPool(BatchedPool):
         `bucket_mb` MiB each put once; blocks until all have version `version`. The buckets
         stay in the object store until the next broadcast, to re-sync actors that join or
         restart later. Call it between rounds."""
-        if self._pool.num_pending():
-            raise RuntimeError(f"broadcast with {self._pool.num_pending()} batch(es) pending: "
-                               "drain the pool first so no batch mixes two weight versions")
-        self._buckets = [ray.put(b) for b in _buckets(state, int(bucket_mb * 2**20))]
-        self._version, self._checkpoint = version, None
-        for actor, ref in [(a, self._push(a)) for a in self._pool.actors()]:
-            try:
-                ray.get(ref)
-            except RayActorError as exc:
-                # Restarted or replaced later; either way `_prepare` syncs it before work.
-                log.warning("generator %s died during the weight broadcast: %s", actor, exc)
+        with self._lock:  # no resize or chat pick in between: every actor gets the update
+            if self._pool.num_pending():
+                raise RuntimeError(f"broadcast with {self._pool.num_pending()} batch(es) "
+                                   "pending: drain the pool first so no batch mixes two "
+                                   "weight versions")
+            self._buckets = [ray.put(b) for b in _buckets(state, int(bucket_mb * 2**20))]
+            self._version, self._checkpoint = version, None
+            for actor, ref in [(a, self._push(a)) for a in self._pool.actors()]:
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    # Restarted or replaced later; either way `_prepare` syncs it before work.
+                    log.warning("generator %s died during the weight broadcast: %s", actor, exc)
 
     def mark_synced(self, version: int, checkpoint_dir: str) -> None:
         """Record a sync done outside the pool (the collective broadcast from trainer rank 0):
         actors that join or restart later reload `checkpoint_dir` to reach `version`."""
-        self._version, self._buckets, self._checkpoint = version, None, checkpoint_dir
+        with self._lock:
+            self._version, self._buckets, self._checkpoint = version, None, checkpoint_dir
+
+    def ensure_synced(self) -> None:
+        """Bring every live actor to the current version now (those that joined after a
+        collective broadcast named its receivers reload the checkpoint)."""
+        with self._lock:
+            for actor in self._pool.actors():
+                self._prepare(actor)
 
     def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
         # Calls from one caller to one actor run in submission order.

@@ -139,14 +139,18 @@ def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None
 def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig) -> Callable[[], ActorHandle]:
     """A zero-argument callable that starts one `Judge` actor per call, with `pools.judge`'s
     resources; the engine runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
+    from cluster.placement import actor_options
+
     build = make_engine_factory(cfg, device="cuda" if pool.num_gpus > 0 else "cpu")
-    # Retries are the pool's job (it re-dispatches a dead actor's batch): max_task_retries=0.
-    options = dict(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-                   max_restarts=pool.max_restarts, max_task_retries=0)
     actor_cls = ray.remote(Judge)
 
     def factory() -> ActorHandle:
-        return actor_cls.options(**options).remote(build, cfg.preference)
+        # On `role: judge` nodes of a role-labelled cluster (looked up per actor: nodes join
+        # and leave), anywhere otherwise. Retries are the pool's job (it re-dispatches a dead
+        # actor's batch): max_task_retries=0.
+        options = actor_options("judge", pool.num_cpus, pool.num_gpus)
+        return actor_cls.options(**options, max_restarts=pool.max_restarts,
+                                 max_task_retries=0).remote(build, cfg.preference)
 
     return factory
 

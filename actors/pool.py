@@ -14,20 +14,26 @@ Guarantees, relied on by the pipeline's "every prompt exactly once" accounting:
 - an actor that raises `NeedsPrepare` (e.g. a generator restarted by Ray with stale weights)
   gets `prepare(actor)` run again and the item re-dispatched, not counted as an attempt.
 
+`ActorPool` is not thread-safe; `BatchedPool`, the base of the generator and judge pools, is
+(see its docstring).
+
 Not here: timeouts on hung calls, autoscaling decisions (a policy object outside decides and
 calls `resize`), and anything about what the items are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sppo.records import Failed
 
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
 _MAX_PREPARE_FAILURES = 5  # fresh actors dying in a row before the pool gives up
+_LOCK_SLICE_S = 0.2  # longest a waiting BatchedPool call holds its lock at a time
 
 
 class NeedsPrepare(Exception):
@@ -182,6 +189,11 @@ class ActorPool:
         self._reap()
         self._dispatch()
 
+    def ready_actor(self) -> Optional[Any]:
+        """The least-busy live actor that has been prepared and not seen dying, or None."""
+        ready = [s for s in self._slots if not s.draining and s.prepared and not s.failed]
+        return min(ready, key=lambda s: (len(s.in_flight), s.id)).actor if ready else None
+
     def call_all(self, call: Callable[[Any], "ray.ObjectRef"]) -> list:
         """Run `call(actor)` on every live actor and return the results (blocking)."""
         return ray.get([call(s.actor) for s in self._slots if not s.draining])
@@ -250,7 +262,9 @@ class ActorPool:
                 out.append((task.item, PoolCallError(
                     f"actor died {task.attempts} time(s) while processing this item: {exc}")))
         except Exception as exc:  # the actor method itself raised: not retried
-            out.append((task.item, PoolCallError(f"{exc.__class__.__name__}: {exc}")))
+            # Ray's RayTaskError prints the remote traceback; the reason is the cause itself.
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+            out.append((task.item, PoolCallError(f"{type(cause).__name__}: {cause}")))
 
     def _replace(self, slot: _Slot, why: str) -> None:
         """Retire a dead actor (its in-flight calls fail on their own and are retried) and
@@ -276,7 +290,14 @@ class BatchedPool:
     """Items in, one record per item out: an `ActorPool` fed in batches of
     `pool_cfg.batch_size`, where a batch the pool gave up on becomes one `Failed` record per
     item. The generator and judge pools are this with their own call and stage name; counts
-    (`free_slots`, `num_pending`) are in items, not batches."""
+    (`free_slots`, `num_pending`) are in items, not batches.
+
+    Thread-safe, unlike `ActorPool`: the driver's loop feeds it while the control service
+    resizes it and picks actors for chat from its own threads. Every method holds one lock,
+    and a waiting `results`/`drain` holds it for at most `_LOCK_SLICE_S` at a time, so a
+    resize waits a fraction of a second, never for a whole batch. `hold_resizes()` defers
+    resizes over a window in which the set of actors must not change (a collective weight
+    broadcast names its receivers in advance); the last one asked for is applied at its end."""
 
     stage = "pool"
 
@@ -285,6 +306,9 @@ class BatchedPool:
         self._factory = factory
         self._batch_size = pool_cfg.batch_size
         self._pending = 0  # items submitted, records not yet returned
+        self._lock = threading.RLock()
+        self._holds = 0  # open hold_resizes() windows
+        self._deferred: Optional[int] = None  # a resize asked for during a hold
         self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
                               prepare=prepare, name=self.stage)
 
@@ -298,17 +322,38 @@ class BatchedPool:
     def submit(self, items) -> None:
         """Queue items in batches of `batch_size`; never blocks."""
         items = list(items)
-        for i in range(0, len(items), self._batch_size):
-            self._pool.submit(items[i: i + self._batch_size], self._call)
-        self._pending += len(items)
+        with self._lock:
+            for i in range(0, len(items), self._batch_size):
+                self._pool.submit(items[i: i + self._batch_size], self._call)
+            self._pending += len(items)
 
     def results(self, timeout: Optional[float] = None) -> list:
-        """Records of finished batches (waits up to `timeout`; None: until one is done)."""
-        return self._records(self._pool.results(timeout))
+        """Records of finished batches (waits up to `timeout`; None: until one is done or
+        nothing is pending)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = _LOCK_SLICE_S if deadline is None else max(0.0, deadline - time.monotonic())
+            with self._lock:
+                running = self._pool.num_in_flight() > 0
+                got = self._records(self._pool.results(min(left, _LOCK_SLICE_S)))
+                if got or not self._pending:
+                    return got
+            if deadline is not None and time.monotonic() >= deadline:
+                return got
+            if not running:  # queued with no actor free (e.g. resizing): wait unlocked
+                time.sleep(min(left, _LOCK_SLICE_S))
 
     def drain(self) -> list:
         """Wait for every pending item's record."""
-        return self._records(self._pool.drain())
+        out: list = []
+        while self.num_pending():
+            got = self.results(timeout=_LOCK_SLICE_S)
+            out.extend(got)
+            with self._lock:
+                if not got and self._pool.size == 0 and not self._pool.num_in_flight():
+                    raise RuntimeError(f"{self.stage}: {self._pending} item(s) pending but "
+                                       f"the pool has no live actor")
+        return out
 
     def _records(self, done: list[tuple[list, Any]]) -> list:
         out: list = []
@@ -322,24 +367,76 @@ class BatchedPool:
 
     def free_slots(self) -> int:
         """Items that could start now without queueing (negative: a backlog)."""
-        return self._pool.free_slots() * self._batch_size
+        with self._lock:
+            return self._pool.free_slots() * self._batch_size
 
     def num_pending(self) -> int:
         """Items submitted whose records have not been returned yet."""
         return self._pending
 
+    def num_in_flight(self) -> int:
+        """Batches running on actors."""
+        with self._lock:
+            return self._pool.num_in_flight()
+
+    def num_queued(self) -> int:
+        """Batches waiting for a free actor slot."""
+        with self._lock:
+            return self._pool.num_queued()
+
     def resize(self, n: int) -> None:
-        self._pool.resize(n)
+        """Grow to `n` actors now or shrink by draining; deferred while resizes are held."""
+        with self._lock:
+            if self._holds:
+                self._deferred = n
+                log.info("%s pool: resize to %d deferred until the weight sync is done",
+                         self.stage, n)
+                return
+            self._pool.resize(n)
+
+    @contextlib.contextmanager
+    def hold_resizes(self) -> Iterator[None]:
+        """Keep the set of actors fixed inside the block; a resize asked for meanwhile is
+        applied when the block ends."""
+        with self._lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holds -= 1
+                if not self._holds and self._deferred is not None:
+                    n, self._deferred = self._deferred, None
+                    self._pool.resize(n)
 
     @property
     def size(self) -> int:
-        return self._pool.size
+        with self._lock:
+            return self._pool.size
+
+    def status(self) -> dict[str, int]:
+        """Counts for the control service: live actors, the size asked for (differs from
+        `size` while a resize is deferred), items pending, batches in flight, calls that
+        failed because their actor died and actors replaced."""
+        with self._lock:
+            return {"size": self._pool.size,
+                    "target": self._pool.size if self._deferred is None else self._deferred,
+                    "pending": self._pending, "in_flight": self._pool.num_in_flight(),
+                    "actor_deaths": self._pool.restarts_seen, "replaced": self._pool.replaced}
 
     def actors(self) -> list:
-        return self._pool.actors()
+        with self._lock:
+            return self._pool.actors()
+
+    def ready_actor(self) -> Optional[Any]:
+        """The least-busy live actor that has been prepared (holds the current state), or
+        None; for calls outside the batch flow, such as chat."""
+        with self._lock:
+            return self._pool.ready_actor()
 
     def shutdown(self) -> None:
-        self._pool.shutdown()
+        with self._lock:
+            self._pool.shutdown()
         release = getattr(self._factory, "release", None)  # e.g. placement groups
         if release is not None:
             release()

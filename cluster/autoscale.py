@@ -14,18 +14,27 @@ Rules, one step at a time so a burst cannot overshoot:
   policy did not ask for), wait `cooldown_s` before the next one, so a new actor can start and
   take work before its effect is judged, and an operator's decision is not undone at once.
 
+`PipelineAutoscaler` runs the policies from the streaming pipeline's `tick` (between pool
+calls, on the driver's thread); the driver builds one for each pool whose config says
+`autoscale: true`.
+
 Not here: resizing itself (`ActorPool.resize` drains on shrink) and node-level autoscaling
 (Ray's autoscaler or KubeRay adds nodes; `room` only says whether one more actor fits now).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import ray
 
-__all__ = ["QueueAutoscaler", "cluster_has_room", "scale_pool"]
+log = logging.getLogger(__name__)
+
+__all__ = ["QueueAutoscaler", "AutoscaledPool", "PipelineAutoscaler", "cluster_has_room",
+           "scale_pool"]
 
 _EPS = 1e-9  # fractional resources: 0.1 * 10 must count as 1
 
@@ -100,3 +109,43 @@ def scale_pool(pool, policy: QueueAutoscaler, *, room: bool, queued: Optional[in
     if target != pool.size:
         pool.resize(target)
     return pool.size
+
+
+@dataclass
+class AutoscaledPool:
+    """One pool under a policy: `backlog` names the `sppo.pipeline.Backlog` field that counts
+    the items waiting for it ("generate" or "judge"); `num_cpus`/`num_gpus` are what one more
+    actor needs."""
+
+    pool: Any
+    policy: QueueAutoscaler
+    backlog: str
+    num_cpus: float
+    num_gpus: float
+
+
+class PipelineAutoscaler:
+    """The pipeline's `tick`: one autoscaling step per pool, at most every `every_s` seconds
+    (the room check asks the cluster, which is not free at the pipeline's poll rate).
+    `room` defaults to `cluster_has_room`; tests pass their own."""
+
+    def __init__(self, pools: list[AutoscaledPool], *, every_s: float = 1.0,
+                 room: Optional[Callable[[float, float], bool]] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.pools, self.every_s = pools, every_s
+        self._room = room or cluster_has_room
+        self._clock = clock
+        self._last: Optional[float] = None
+
+    def __call__(self, backlog: Any) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        for p in self.pools:
+            before = p.pool.size
+            after = scale_pool(p.pool, p.policy, room=self._room(p.num_cpus, p.num_gpus),
+                               queued=getattr(backlog, p.backlog), now=now)
+            if after != before:
+                log.info("autoscale: %s pool %d -> %d actors (backlog %d)", p.backlog, before,
+                         after, getattr(backlog, p.backlog))

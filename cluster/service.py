@@ -421,7 +421,7 @@ class ControlServer:
     `port=0` binds a free port; `.port` holds the bound one once `start()` returns.
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *,
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8100, *,
                  log_level: str = "warning", start_timeout_s: float = 30.0):
         self.host = host
         self.port = port

@@ -2,9 +2,10 @@
 
 `load_config(path, overrides)` reads a YAML file, applies `a.b.c=value` overrides (values are
 parsed as YAML scalars, so `3`, `0.5`, `true` and `null` get their natural types), builds the
-dataclasses with strict type checks (unknown keys and wrong types are errors) and runs the one
-`validate()` that checks values. Every error names the dotted field and the offending value;
-all problems are collected and reported together so a user fixes a config in one pass.
+dataclasses with strict type checks (unknown keys, wrong types and non-finite numbers are
+errors) and runs the one `validate()` that checks values. Every error names the dotted field
+and the offending value; all problems are collected and reported together so a user fixes a
+config in one pass.
 
 Deliberately not here: anything that needs the cluster (resource checks against live nodes
 live in the driver) or the filesystem beyond reading the YAML file.
@@ -13,6 +14,7 @@ live in the driver) or the filesystem beyond reading the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -171,6 +173,15 @@ class PoolConfig:
     batch_size: int = 8  # prompts per request to one actor
     max_in_flight: int = 2  # requests queued on one actor at once
     max_restarts: int = 3
+    # Autoscaling within [min_replicas, max_replicas] during a round (cluster/autoscale.py):
+    # grow by one when more than `scale_up_backlog` items wait for this pool and the cluster
+    # has room, shrink by one after `scale_down_idle_s` with nothing to do, and leave
+    # `scale_cooldown_s` between changes. Manual resizes through the control service work
+    # either way.
+    autoscale: bool = False
+    scale_up_backlog: int = 16
+    scale_down_idle_s: float = 60.0
+    scale_cooldown_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -194,8 +205,11 @@ class ServiceConfig:
     """The FastAPI control service."""
 
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # loopback only; anything else also needs TLS in front
+    # 8100, not 8000: Ray Serve's HTTP proxy takes 8000 on the head node by default.
+    port: int = 8100  # 0: any free port (the log and <run_dir>/service.json say which)
+    # The bearer token comes from this environment variable; when it is unset a random one
+    # is written to <run_dir>/api_token, readable by the owner only.
     token_env: str = "SPPO_API_TOKEN"
 
 
@@ -303,8 +317,12 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         pre = f"pools.{name}"
         need(p.replicas > 0, f"{pre}.replicas", p.replicas, "must be > 0")
         need(p.min_replicas > 0, f"{pre}.min_replicas", p.min_replicas, "must be > 0")
-        need(p.min_replicas <= p.replicas <= p.max_replicas, f"{pre}.replicas", p.replicas,
-             f"must be within [min_replicas, max_replicas] = [{p.min_replicas}, {p.max_replicas}]")
+        need(p.max_replicas >= p.min_replicas, f"{pre}.max_replicas", p.max_replicas,
+             f"must be >= min_replicas ({p.min_replicas})")
+        if p.min_replicas <= p.max_replicas:  # else the bounds themselves are the problem
+            need(p.min_replicas <= p.replicas <= p.max_replicas, f"{pre}.replicas", p.replicas,
+                 f"must be within [min_replicas, max_replicas] = "
+                 f"[{p.min_replicas}, {p.max_replicas}]")
         need(p.num_cpus >= 0, f"{pre}.num_cpus", p.num_cpus, "must be >= 0")
         need(p.num_gpus >= 0, f"{pre}.num_gpus", p.num_gpus, "must be >= 0")
         need(p.tensor_parallel_size > 0, f"{pre}.tensor_parallel_size", p.tensor_parallel_size,
@@ -312,6 +330,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         need(p.batch_size > 0, f"{pre}.batch_size", p.batch_size, "must be > 0")
         need(p.max_in_flight > 0, f"{pre}.max_in_flight", p.max_in_flight, "must be > 0")
         need(p.max_restarts >= 0, f"{pre}.max_restarts", p.max_restarts, "must be >= 0")
+        for key in ("scale_up_backlog", "scale_down_idle_s", "scale_cooldown_s"):
+            need(getattr(p, key) >= 0, f"{pre}.{key}", getattr(p, key), "must be >= 0")
     if cfg.generator.backend == "vllm":
         need(cfg.pools.generator.num_gpus > 0 or cfg.pools.generator.tensor_parallel_size > 1,
              "pools.generator.num_gpus", cfg.pools.generator.num_gpus,
@@ -326,7 +346,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         need(cfg.generator.backend == "vllm", "weight_sync.method", w.method,
              "needs generator.backend 'vllm'")
 
-    need(0 < cfg.service.port < 65536, "service.port", cfg.service.port, "must be in 1..65535")
+    need(0 <= cfg.service.port < 65536, "service.port", cfg.service.port,
+         "must be in 0..65535 (0: any free port)")
     need(r.rounds > 0, "run.rounds", r.rounds, "must be > 0")
     need(bool(r.name), "run.name", r.name, "must not be empty")
     need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
@@ -366,6 +387,11 @@ def _coerce(value: Any, tp: Any, name: str, problems: list[tuple[str, str]]) -> 
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append((name, f"expected a number (got {value!r})"))
+            return value
+        if not math.isfinite(value):
+            # YAML's .nan / .inf, or 1e999: no field means anything by them; inf would pass
+            # the `> 0` value checks (e.g. trainer.lr) and NaN fail them misleadingly.
+            problems.append((name, f"expected a finite number (got {value!r})"))
             return value
         return float(value)
     if tp is int:

@@ -2,10 +2,11 @@
 
 `load_prompts(cfg, tokenizer)` reads a local `.jsonl` / `.json` / `.parquet` file or a Hugging
 Face dataset name, renders each prompt with the tokenizer's chat template, tokenizes it and checks
-it. A row that cannot be used (missing or empty prompt, wrong type, malformed messages, too many
-tokens, duplicate id, unparseable JSONL line) is a `BadRow` with its index and reason: skipped
-with a warning (`on_bad_row="skip"`) or, with `on_bad_row="error"`, a `DataError` listing them
-all before any work starts. No row is dropped silently; the counts are in `PromptSet.summary()`.
+it. A row that cannot be used (missing or empty prompt, one of only whitespace or invisible
+characters, wrong type, malformed messages, too many tokens, duplicate id, unparseable JSONL
+line) is a `BadRow` with its index and reason: skipped with a warning (`on_bad_row="skip"`) or,
+with `on_bad_row="error"`, a `DataError` listing them all before any work starts. No row is
+dropped silently; the counts are in `PromptSet.summary()`.
 
 `split_rounds` shuffles under a seed, holds out evaluation prompts, caps the rest and cuts it into
 one disjoint shard per self-play round (the paper uses three equal thirds of UltraFeedback).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_LISTED = 10  # bad rows listed in warnings and errors; the rest are counted
 _TOKENIZE_CHUNK = 1024
+_INVISIBLE = {"Cc", "Cf"}  # Unicode control and format characters (NUL, zero-width space, ...)
 
 
 class DataError(ValueError):
@@ -180,6 +183,8 @@ def _read_rows(cfg: DataConfig, columns: list[str]) -> tuple[str, list, list, li
     import datasets  # heavy; only when needed
 
     if suffix in (".json", ".parquet") and path.is_file():
+        if suffix == ".json":  # `datasets` reports bad bytes without the file's line
+            _decode_utf8(path, path.read_bytes())
         builder, files, name = suffix[1:], {cfg.split: str(path)}, str(path)
     elif path.exists():  # a local dataset directory
         builder, files, name = str(path), None, str(path)
@@ -189,20 +194,33 @@ def _read_rows(cfg: DataConfig, columns: list[str]) -> tuple[str, list, list, li
         ds = datasets.load_dataset(builder, data_files=files, split=cfg.split)
     except Exception as exc:  # datasets raises many unrelated types; name the source instead
         raise DataError(f"cannot load {name} (split {cfg.split!r}): "
-                        f"{type(exc).__name__}: {exc}") from exc
+                        f"{type(exc).__name__}: {exc}{_root_cause(exc)}") from exc
     _check_columns(name, columns, ds.column_names)
     rows = ds.select_columns(columns).to_list()
     return name, rows, [None] * len(rows), []
 
 
-def _read_jsonl(path: Path) -> tuple[list, list, list[BadRow]]:
-    blob = path.read_bytes()
+def _decode_utf8(path: Path, blob: bytes) -> str:
     try:
-        text = blob.decode("utf-8-sig")  # strict; a leading BOM is tolerated
+        return blob.decode("utf-8-sig")  # strict; a leading BOM is tolerated
     except UnicodeDecodeError as exc:
         line = blob.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}: line {line} is not valid UTF-8 "
                         f"(byte 0x{blob[exc.start]:02x}): {exc.reason}") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    # `datasets` wraps the useful error (e.g. DatasetGenerationError around a decode error).
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    return "" if root is exc else f" (cause: {type(root).__name__}: {root})"
+
+
+def _read_jsonl(path: Path) -> tuple[list, list, list[BadRow]]:
+    blob = path.read_bytes()
+    text = _decode_utf8(path, blob)
     # Split on "\n" only: str.splitlines would also split on U+2028 inside JSON strings.
     lines = text.split("\n")
     truncated = not text.endswith("\n")
@@ -246,7 +264,7 @@ def _row_id(row: dict, index: int, column: Optional[str], reasons: list[str]) ->
         return None
     value = str(value)
     if not value.strip():
-        reasons.append(f"id column {column!r} is empty")
+        reasons.append(f"id column {column!r} is " + ("empty" if not value else "whitespace-only"))
         return None
     return value
 
@@ -260,6 +278,10 @@ def _text_problem(value: Any, what: str) -> Optional[str]:
         return f"{what} is empty"
     if not value.strip():
         return f"{what} is whitespace-only"
+    if all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in value):
+        # e.g. zero-width spaces or NULs: the model would see an empty prompt.
+        return (f"{what} has no visible characters (only whitespace, control or format "
+                f"characters: {_short(value)})")
     return None
 
 

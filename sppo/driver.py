@@ -2,7 +2,9 @@
 
 Connects to the Ray cluster it was submitted to (`ray job submit` sets RAY_ADDRESS), or to
 `run.ray_address`, or starts a local Ray when there is none; checks the config against the
-cluster's resources before any work; then runs the rounds (`sppo.selfplay.SelfPlay`).
+cluster's resources before any work; starts the control service when `service.enabled`
+(`cluster.service`, answering for the job through `sppo.control`); then runs the rounds
+(`sppo.selfplay.SelfPlay`).
 
 With no arguments it runs the embedded demo, `configs/demo.yaml`. Exit codes: 0 done, 2 bad
 config, data or resources (nothing was started), 1 the run failed.
@@ -15,9 +17,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from sppo.config import Config, ConfigError, apply_overrides, from_dict, load_config
+
+if TYPE_CHECKING:
+    from cluster.service import ControlServer
 
 log = logging.getLogger("sppo.driver")
 
@@ -52,6 +57,31 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
     return cfg, Path(cfg.run.output_dir) / cfg.run.name
 
 
+def check_paths(cfg: Config) -> list[tuple[str, str]]:
+    """Local paths in `cfg` that do not exist, as (field, message); checked before Ray starts.
+    A hub id ("org/name") or a `builtin:` name is not a local path: it is resolved where it is
+    loaded."""
+    fields = [("model.path", cfg.model.path), ("data.path", cfg.data.path)]
+    if cfg.judge.backend != "python":
+        fields += [("judge.model_path", cfg.judge.model_path),
+                   ("judge.backbone", cfg.judge.backbone)]
+    out = []
+    for name, value in fields:
+        if not value or value.startswith("builtin:") or not _looks_local(value):
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            out.append((name, f"{value!r} does not exist (looked for {str(path.absolute())!r})"))
+    return out
+
+
+def _looks_local(value: str) -> bool:
+    # What a hub id cannot be: it is "name" or "org/name", never "/..", "./..", "~/..", or
+    # deeper than one slash; a data file name ends in its format's suffix.
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or \
+        Path(value).suffix in (".jsonl", ".json", ".parquet")
+
+
 def required_cpus(cfg: Config) -> float:
     p = cfg.pools
     trainer = 0 if cfg.trainer.use_gpu else cfg.trainer.num_workers
@@ -80,6 +110,25 @@ def connect_ray(cfg: Config) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
+def start_service(cfg: Config, run_dir: Path, job) -> "ControlServer":
+    """Start the control service for `job` and write `<run_dir>/service.json` (its URL and
+    where the token is; never the token itself)."""
+    import json
+
+    from cluster.service import TOKEN_FILE, ControlServer, create_app, resolve_token
+    from sppo.control import SelfPlayControl
+
+    s = cfg.service
+    from_env = bool(os.environ.get(s.token_env, "").strip())
+    token = resolve_token(s.token_env, run_dir)
+    server = ControlServer(create_app(SelfPlayControl(job), token), s.host, s.port).start()
+    where = f"${s.token_env}" if from_env else str(run_dir / TOKEN_FILE)
+    (run_dir / "service.json").write_text(json.dumps({"url": server.url, "token": where}) + "\n")
+    log.info("control service on %s (bearer token in %s); API schema at %s/openapi.json",
+             server.url, where, server.url)
+    return server
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -93,6 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(dump_yaml(cfg), end="")
         return 0
+    missing = check_paths(cfg)
+    if missing:
+        print(f"error: {ConfigError(missing)}", file=sys.stderr)
+        return 2
     if not args.resume and (run_dir / "state.json").is_file():
         print(f"error: {run_dir} already holds a run; use --resume {run_dir} to continue it or "
               f"set run.name=... for a new one", file=sys.stderr)
@@ -112,6 +165,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     log.info("run directory: %s", run_dir)
     job = SelfPlay(cfg, run_dir, resume=bool(args.resume))
+    server = None
+    if cfg.service.enabled:
+        try:
+            server = start_service(cfg, run_dir, job)
+        except (RuntimeError, ValueError, OSError) as exc:
+            print(f"error: service: {exc}", file=sys.stderr)
+            return 2
     try:
         reports = job.run()
     except (DataError, FileNotFoundError, OSError, ValueError) as exc:
@@ -119,6 +179,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if server is not None:
+            server.stop()
     last = reports[-1] if reports else None
     if last and last.get("win_rate_vs_round0"):
         w = last["win_rate_vs_round0"]

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol, Sequence, Union
 
 from sppo.records import Annotated, Failed, Generation, Prompt, TrainRow
 
-__all__ = ["RoundPipeline", "RoundOutcome", "StageClock", "screen_generation"]
+__all__ = ["RoundPipeline", "RoundOutcome", "Backlog", "StageClock", "screen_generation"]
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,24 @@ def screen_generation(gen: Generation) -> Optional[str]:
 RowsOrReason = Union[list[TrainRow], str]
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Items waiting for each stage, passed to `tick` once per pipeline poll: prompts waiting
+    for a generator slot, generations waiting for a judge slot (the pools' own queues stay
+    empty: the pipeline submits only into free slots and keeps the backlog itself)."""
+
+    generate: int
+    judge: int
+
+
 class RoundPipeline:
     """Runs one round's prompts through the three stages concurrently.
 
     `to_rows(annotated)` turns a judged prompt into training rows, or returns a reason string
     when the prompt carries no training signal (e.g. all responses scored equal in pair mode).
     `sink(rows)` hands rows to the trainer and blocks while its buffer is full.
+    `tick(backlog)`, when given, runs once per poll on the pipeline's thread, between pool
+    calls: the place for an autoscaling step (`cluster.autoscale.scale_pool`).
     """
 
     def __init__(
@@ -119,25 +131,44 @@ class RoundPipeline:
         progress: Optional[Callable[[dict], None]] = None,
         progress_every_s: float = 5.0,
         poll_s: float = 0.02,
+        tick: Optional[Callable[[Backlog], None]] = None,
     ):
         self.generators, self.judges = generators, judges
         self.sink, self.to_rows, self.screen = sink, to_rows, screen
         self.generate_batch, self.judge_batch = generate_batch, judge_batch
         self.max_judge_backlog = max_judge_backlog or 4 * judge_batch
         self.progress, self.progress_every_s, self.poll_s = progress, progress_every_s, poll_s
+        self.tick = tick
+        self._out: Optional[RoundOutcome] = None  # the round in progress, for `snapshot`
+        self._done: set[str] = set()
+        self._start = 0.0
+
+    def snapshot(self) -> Optional[dict]:
+        """Progress of the round in progress (None before `run`); safe to call from another
+        thread (it only reads counters)."""
+        if self._out is None:
+            return None
+        return self._progress(self._out, len(self._done), time.perf_counter() - self._start)
 
     def run(self, prompts: Sequence[Prompt]) -> RoundOutcome:
-        out = RoundOutcome(prompts=len(prompts))
+        out = self._out = RoundOutcome(prompts=len(prompts))
         ids = [p.id for p in prompts]
-        if len(set(ids)) != len(ids):
-            raise ValueError("prompt ids must be unique within a round")
+        expected = set(ids)
+        if len(expected) != len(ids):
+            repeated = [pid for pid, n in Counter(ids).items() if n > 1]
+            raise ValueError(f"prompt ids must be unique within a round: {len(repeated)} "
+                             f"repeated, e.g. {repeated[:5]}")
         todo: deque[Prompt] = deque(prompts)
         to_judge: deque[Generation] = deque()  # generated, waiting for a judge slot
         done: set[str] = set()
+        self._done = done
         clocks = {"generate": StageClock(), "judge": StageClock()}
-        start = last_report = time.perf_counter()
+        start = last_report = self._start = time.perf_counter()
 
         def finish(pid: str) -> None:
+            if pid not in expected:  # else it would stand in for one of ours, silently
+                raise RuntimeError(f"a record for prompt {pid!r}, which is not in this round "
+                                   "(a stage answered under another id)")
             if pid in done:
                 raise RuntimeError(f"prompt {pid!r} completed twice")
             done.add(pid)
@@ -200,6 +231,11 @@ class RoundPipeline:
                 missing = sorted(set(ids) - done)[:5]
                 raise RuntimeError(f"pipeline stalled with {len(prompts) - len(done)} prompt(s) "
                                    f"unaccounted for, e.g. {missing}")
+            if self.tick:
+                # Generation only counts as backed up while it is what holds prompts back
+                # (not while the judges' backlog is full).
+                gen_backlog = len(todo) if len(to_judge) < self.max_judge_backlog else 0
+                self.tick(Backlog(generate=gen_backlog, judge=len(to_judge)))
             now = time.perf_counter()
             if self.progress and now - last_report >= self.progress_every_s:
                 last_report = now

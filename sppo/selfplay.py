@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
@@ -34,10 +34,11 @@ from actors.judge import JudgePool, make_judge_factory
 from actors.stream import create_stream
 from actors.trainer import TrainerRun, object_store_hand_off
 from actors.weights import CollectiveHandOff, resolve_backend
+from cluster.autoscale import AutoscaledPool, PipelineAutoscaler, QueueAutoscaler
 from sppo.config import Config, dump_yaml
 from sppo.data import load_prompts, split_rounds
 from sppo.evaluate import cross_win_rate, merge_for_eval, summarize
-from sppo.pipeline import RoundPipeline
+from sppo.pipeline import Backlog, RoundPipeline
 from sppo.records import Annotated, Failed, Generation, Prompt
 from sppo.rows import rows_from_annotated
 from sppo.tiny import resolve_model_path
@@ -62,13 +63,25 @@ def _gen_from_dict(d: dict) -> Generation:
 
 
 class SelfPlay:
-    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False):
+    """The job. `tick`, when given, runs once per poll of the streaming pipeline (between
+    pool calls); by default it is the autoscaler of the pools whose config says
+    `autoscale: true` (`cluster.autoscale.PipelineAutoscaler`), or nothing.
+
+    Read by the control service from its own threads (`sppo.control`): `stage`,
+    `current_round`, `pipeline` (the round in progress), `state`, and the pools, which are
+    thread-safe."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False,
+                 tick: Optional[Callable[[Backlog], None]] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.state_path = self.run_dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if resume and \
             self.state_path.is_file() else {"completed_rounds": 0, "checkpoint": None}
         self.reports: list[dict] = []
         self.stage = "starting"
+        self.current_round: Optional[int] = None
+        self.pipeline: Optional[RoundPipeline] = None
+        self.tick = tick
 
     # ------------------------------------------------------------------ set-up
 
@@ -79,7 +92,7 @@ class SelfPlay:
         self.base_model = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         prompts = load_prompts(cfg.data, tokenizer)  # raises before any work in "error" mode
         (self.run_dir / "data_report.txt").write_text(prompts.summary(max_listed=1000) + "\n")
         log.info("prompts: %s", prompts.summary(max_listed=5))
@@ -96,6 +109,8 @@ class SelfPlay:
         if start:  # generators start from the checkpoint: its weights are version `start`
             self.generators.mark_synced(start, gen_model)
         self.judges = JudgePool(make_judge_factory(cfg.judge, cfg.pools.judge), cfg.pools.judge)
+        if self.tick is None:
+            self.tick = self._autoscaler()
         t = cfg.trainer
         self.stream = create_stream(world_size=t.num_workers, global_batch_size=t.global_batch_size,
                                     buffer_rows=max(t.stream_buffer, t.global_batch_size),
@@ -143,12 +158,17 @@ class SelfPlay:
         """generate + judge + train (streamed) -> finish training -> sync -> checkpoint -> evaluate."""
         shard, timings = self.split.shards[t], {}
         log.info("round %d/%d: %d prompts", t + 1, self.cfg.run.rounds, len(shard))
+        self.current_round = t
         with self._step("generate+judge+train", timings):
             outcome = self._stream_round(t, shard)
-        with self._step("train", timings):
-            result = self.trainer.wait_round_done(t)
-        with self._step("sync", timings):
-            sync = self._sync(t, result)
+        # From naming the broadcast's receivers to the end of the sync the set of generators
+        # must not change: a resize asked for meanwhile (control service) waits for the sync.
+        with self.generators.hold_resizes():
+            self._end_stream(t)
+            with self._step("train", timings):
+                result = self.trainer.wait_round_done(t)
+            with self._step("sync", timings):
+                sync = self._sync(t, result)
         with self._step("checkpoint", timings):
             steps = ray.get(self.stream.step_metrics.remote(t))
             self._log_metrics(t, steps)
@@ -178,26 +198,36 @@ class SelfPlay:
         cfg = self.cfg
         per_prompt = 1 if cfg.trainer.selection == "pair" else cfg.sampling.k
         ray.get(self.stream.begin_round.remote(t, len(shard) * per_prompt))
-        pipeline = RoundPipeline(
+        self.pipeline = RoundPipeline(
             self.generators, self.judges,
             sink=lambda rows: ray.get(self.stream.put.remote(t, rows)),
             to_rows=lambda a: rows_from_annotated(a, cfg.trainer.selection),
             generate_batch=cfg.pools.generator.batch_size,
             judge_batch=cfg.pools.judge.batch_size,
-            progress=lambda p: log.info("round %d progress: %s", t, p))
-        self.stage = f"round {t}: generate+judge+train"
-        outcome = pipeline.run(shard)
+            progress=lambda p: log.info("round %d progress: %s", t, p), tick=self.tick)
+        return self.pipeline.run(shard)
+
+    def _end_stream(self, t: int) -> None:
         if self.sync_method == "collective":
             # Named before the stream ends: rank 0 broadcasts to exactly these generators.
             ray.get(self.stream.set_sync_targets.remote(t, self.generators.actors()))
         ray.get(self.stream.end_round.remote(t))
-        return outcome
+
+    def _autoscaler(self) -> Optional[PipelineAutoscaler]:
+        scaled = [AutoscaledPool(pool, QueueAutoscaler(
+                      c.min_replicas, c.max_replicas, c.scale_up_backlog, c.scale_down_idle_s,
+                      c.scale_cooldown_s), backlog, c.num_cpus, c.num_gpus)
+                  for pool, c, backlog in ((self.generators, self.cfg.pools.generator, "generate"),
+                                           (self.judges, self.cfg.pools.judge, "judge"))
+                  if c.autoscale]
+        return PipelineAutoscaler(scaled) if scaled else None
 
     def _sync(self, t: int, result) -> dict:
         version = t + 1
         if self.sync_method == "collective":
             stats = dict(result.weights)
             self.generators.mark_synced(version, str(Path(result.checkpoint_path) / "hf"))
+            self.generators.ensure_synced()  # e.g. an actor replaced after the names were taken
         else:
             t0 = time.perf_counter()
             arrays = ray.get(result.weights)

@@ -105,12 +105,10 @@ class HFGenerationEngine:
         for i, p in enumerate(prompts):
             ids, texts, reasons, lps = [], [], [], []
             for r in [i * n + j % n for j in range(k)]:
-                row = new[r].tolist()
-                stop = next((t for t, tok in enumerate(row) if tok in self.eos_ids), None)
-                row = row if stop is None else row[: stop + 1]
+                row, reason = self._until_eos(new[r].tolist())
                 ids.append(row)
                 texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-                reasons.append("length" if stop is None else "stop")
+                reasons.append(reason)
                 if logits is not None:
                     steps = torch.log_softmax(logits[r, : len(row)].float(), dim=-1)  # (T_r, V)
                     picked = steps.gather(1, torch.tensor(row, device=steps.device)[:, None])
@@ -120,19 +118,61 @@ class HFGenerationEngine:
                                    weight_version=self.weight_version))
         return gens
 
-    def _generation_config(self, greedy: bool) -> GenerationConfig:
+    @torch.inference_mode()
+    def chat(self, token_ids: Sequence[int], *, max_tokens: int, temperature: float,
+             top_p: float, n: int, seed: int) -> list[dict]:
+        """`n` completions of one prompt with this request's own sampling settings (the
+        control service's chat endpoint), sample j drawn with seed `seed + j`. Raises
+        ValueError for a prompt the model cannot take."""
+        why = prompt_problem(Prompt(id="chat", text="", token_ids=tuple(token_ids)),
+                             max_tokens, self.max_len, self.vocab_size)
+        if why:
+            raise ValueError(why)
+        greedy = temperature == 0
+        rows = 1 if greedy else n
+        input_ids = torch.tensor([list(token_ids)] * rows, device=self.device)  # (rows, T)
+        processors = LogitsProcessorList()
+        if not greedy:
+            processors.append(_PerRowSampler([torch.Generator(self.device).manual_seed(seed + j)
+                                              for j in range(n)]))
+        config = self._generation_config(greedy, temperature, top_p, max_tokens,
+                                         num_return_sequences=1, logits=False)
+        out = self.model.generate(input_ids=input_ids,
+                                  attention_mask=torch.ones_like(input_ids),
+                                  generation_config=config, logits_processor=processors)
+        new = out.sequences[:, input_ids.shape[1]:].cpu()
+        answers = []
+        for j in range(n):
+            row, reason = self._until_eos(new[j % rows].tolist())
+            answers.append({"text": self.tokenizer.decode(row, skip_special_tokens=True),
+                            "finish_reason": reason, "prompt_tokens": len(token_ids),
+                            "completion_tokens": len(row),
+                            "weight_version": self.weight_version})
+        return answers
+
+    def _until_eos(self, row: list[int]) -> tuple[list[int], str]:
+        """The tokens up to and including the first EOS, and the finish reason."""
+        stop = next((t for t, tok in enumerate(row) if tok in self.eos_ids), None)
+        return (row, "length") if stop is None else (row[: stop + 1], "stop")
+
+    def _generation_config(self, greedy: bool, temperature: Optional[float] = None,
+                           top_p: Optional[float] = None, max_new_tokens: Optional[int] = None,
+                           num_return_sequences: Optional[int] = None,
+                           logits: Optional[bool] = None) -> GenerationConfig:
         # Everything that shapes the distribution is set here, so that a model's own
         # generation_config.json (top_k=50 is the library default; some ship a repetition
-        # penalty) cannot change what SPPO samples from.
+        # penalty) cannot change what SPPO samples from. Unset arguments: the engine's own.
         return GenerationConfig(
             do_sample=not greedy,
-            temperature=1.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.top_p,
+            temperature=1.0 if greedy else (temperature or self.temperature),
+            top_p=1.0 if greedy else (top_p or self.top_p),
             top_k=0, typical_p=1.0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
             epsilon_cutoff=0.0, eta_cutoff=0.0, min_length=0,
-            max_new_tokens=self.max_new_tokens, num_return_sequences=1 if greedy else self.k,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            num_return_sequences=num_return_sequences or (1 if greedy else self.k),
             use_cache=True, pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids),
-            return_dict_in_generate=True, output_logits=self.return_logprobs)
+            return_dict_in_generate=True,
+            output_logits=self.return_logprobs if logits is None else logits)
 
     # ------------------------------------------------------------------ weights
 

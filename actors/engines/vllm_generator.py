@@ -121,6 +121,30 @@ class VLLMGenerationEngine:
                           finish_reasons=[c.finish_reason for c in samples], logprobs=lps,
                           weight_version=self.weight_version)
 
+    def chat(self, token_ids: Sequence[int], *, max_tokens: int, temperature: float,
+             top_p: float, n: int, seed: int) -> list[dict]:
+        """`n` completions of one prompt with this request's sampling settings (the control
+        service's chat endpoint); the HF engine's twin. Raises ValueError for a prompt the
+        model cannot take."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        why = prompt_problem(Prompt(id="chat", text="", token_ids=tuple(token_ids)),
+                             max_tokens, self.max_len, self.vocab_size)
+        if why:
+            raise ValueError(why)
+        greedy = temperature == 0
+        params = SamplingParams(n=1 if greedy else n, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, seed=seed)
+        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))], params,
+                                   use_tqdm=False)
+        samples = sorted(out.outputs, key=lambda c: c.index)
+        return [{"text": c.text,
+                 "finish_reason": "length" if c.finish_reason == "length" else "stop",
+                 "prompt_tokens": len(token_ids), "completion_tokens": len(c.token_ids),
+                 "weight_version": self.weight_version}
+                for c in (samples[j % len(samples)] for j in range(n))]
+
     # ------------------------------------------------------------------ weights
 
     def init_weight_transfer_engine(self, request: dict) -> None:

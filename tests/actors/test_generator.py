@@ -298,3 +298,47 @@ def test_resize_up_and_down_mid_stream_loses_and_duplicates_nothing(ray_cluster,
         assert pool.num_pending() == 0
     finally:
         pool.shutdown()
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chat_samples_with_the_request_settings_and_current_weights(
+        ray_cluster, backend, models, prompts):
+    factory, cfg = _factory(backend, models["base"])
+    pool = GeneratorPool(factory, cfg)
+    try:
+        assert pool.ready_actor() is None  # not prepared yet: chat must not use it
+        pool.submit(prompts[:1])
+        pool.drain()
+        actor = pool.ready_actor()
+        ids = list(prompts[1].token_ids)
+
+        def chat(**kw):
+            args = dict(max_tokens=6, temperature=1.0, top_p=1.0, n=3, seed=7) | kw
+            return ray_cluster.get(actor.chat.remote(ids, **args))
+
+        first = chat()
+        assert len(first) == 3 and first == chat()  # same seed, same answers
+        assert [a["text"] for a in chat(seed=8)] != [a["text"] for a in first]
+        for a in first:
+            assert a["prompt_tokens"] == len(ids) and 1 <= a["completion_tokens"] <= 6
+            assert a["finish_reason"] in ("stop", "length") and a["weight_version"] == 0
+            assert a["finish_reason"] == "stop" or a["completion_tokens"] == 6
+        greedy = chat(temperature=0.0, n=2)
+        assert greedy[0] == greedy[1]
+        with pytest.raises(ValueError, match="context"):
+            chat(max_tokens=10_000)
+        # After an update the answers come from the new weights, stamped with their version.
+        pool.broadcast_object_store(_state(models["other"]), version=2, bucket_mb=1.0)
+        assert chat(n=1)[0]["weight_version"] == 2
+        # Mid-update (buckets still arriving) the generator refuses rather than answer from
+        # half-loaded weights.
+        ray_cluster.get(actor.start_weight_update.remote())
+        with pytest.raises(RuntimeError, match="being updated"):
+            chat(n=1)
+        ray_cluster.get(actor.finish_weight_update.remote(2))
+        assert chat(n=1)[0]["weight_version"] == 2
+    finally:
+        pool.shutdown()

@@ -11,7 +11,9 @@ import pytest
 import ray
 
 from actors.pool import ActorPool, PoolCallError
-from cluster.autoscale import QueueAutoscaler, cluster_has_room, scale_pool
+from cluster.autoscale import (AutoscaledPool, PipelineAutoscaler, QueueAutoscaler,
+                               cluster_has_room, scale_pool)
+from sppo.pipeline import Backlog
 from ray_echo import Echo
 
 
@@ -116,3 +118,37 @@ def test_a_backlog_grows_a_real_pool_and_idling_shrinks_it(ray_cluster):
         assert len(pool.actors()) == 2
     finally:
         pool.shutdown()
+
+
+def test_pipeline_autoscaler_steps_each_pool_on_its_own_backlog(ray_cluster):
+    """The pipeline's tick: each pool grows on its own stage's backlog, at most once per
+    `every_s`, and only with room for its actor's resources."""
+    make = lambda: ray.remote(Echo).options(num_cpus=0.1).remote(0.0)  # noqa: E731
+    gen = ActorPool(make, size=1, max_in_flight=2, name="gen")
+    judge = ActorPool(make, size=1, max_in_flight=2, name="judge")
+    asked: list[tuple[float, float]] = []
+    now = [0.0]
+
+    def room(cpus, gpus):
+        asked.append((cpus, gpus))
+        return gpus == 0  # the judge asks for a GPU the cluster lacks
+
+    def policy():
+        return QueueAutoscaler(min_replicas=1, max_replicas=3, scale_up_backlog=4,
+                               scale_down_idle_s=100.0, cooldown_s=0.0)
+
+    tick = PipelineAutoscaler([AutoscaledPool(gen, policy(), "generate", 0.1, 0.0),
+                               AutoscaledPool(judge, policy(), "judge", 0.1, 1.0)],
+                              every_s=1.0, room=room, clock=lambda: now[0])
+    try:
+        tick(Backlog(generate=50, judge=50))
+        assert (gen.size, judge.size) == (2, 1)  # the judge had no room
+        tick(Backlog(generate=50, judge=50))  # within every_s: no step at all
+        assert gen.size == 2 and len(asked) == 2
+        now[0] = 1.5
+        tick(Backlog(generate=0, judge=50))  # generation no longer backed up
+        assert (gen.size, judge.size) == (2, 1)
+        assert asked == [(0.1, 0.0), (0.1, 1.0)] * 2
+    finally:
+        gen.shutdown()
+        judge.shutdown()

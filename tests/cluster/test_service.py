@@ -20,6 +20,7 @@ import ray
 from actors.pool import ActorPool
 from cluster.service import PROMETHEUS_CONTENT_TYPE, ControlServer, create_app, resolve_token
 from ray_echo import Echo
+from service_fuzz import fuzz_service
 
 TOKEN_ENV = "SPPO_TEST_SERVICE_TOKEN"
 
@@ -460,48 +461,10 @@ def test_schemathesis_finds_no_server_error_and_no_open_endpoint(pools):
     """Property-based requests from the served schema, positive and negative, against a live
     service over the real pools. Pool bounds are pinned to the current size so that accepted
     scale requests do not start and stop actors on a 2-core machine."""
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance,
-                                                   negative_data_rejection,
-                                                   response_schema_conformance,
-                                                   status_code_conformance)
-
     job = EchoJob(pools, {"generator": (1, 1), "judge": (1, 1)})
     token = "fuzz-token"
-    auth = {"Authorization": f"Bearer {token}"}
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_schema_conformance, negative_data_rejection]
-    seen: dict[str, set[int]] = {}
-    deadline = time.monotonic() + 90
     with serving(job, token) as url:
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json", headers=auth)
-        operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 6
-        for operation in operations:
-            takes_input = bool(operation.body) or any(True for _ in operation.iter_parameters())
-            modes = [schemathesis.GenerationMode.POSITIVE]
-            if takes_input:  # nothing to get wrong in a request without input
-                modes.append(schemathesis.GenerationMode.NEGATIVE)
-            for mode in modes:
-
-                @settings(max_examples=20, deadline=None, database=None, derandomize=True,
-                          phases=[Phase.explicit, Phase.generate],
-                          suppress_health_check=list(HealthCheck))
-                @given(case=operation.as_strategy(generation_mode=mode))
-                def fuzz(case):
-                    response = case.call(base_url=url, headers=auth, timeout=30)
-                    case.validate_response(response, checks=checks)
-                    seen.setdefault(operation.label, set()).add(response.status_code)
-                    if operation.path != "/healthz":
-                        anon = case.call(base_url=url, headers={"Authorization": "Bearer no"},
-                                         timeout=30)
-                        assert anon.status_code == 401, (case, anon.text)
-                        case.validate_response(anon, checks=checks)  # the 401 is documented
-
-                fuzz()
-                assert time.monotonic() < deadline, "fuzzing ran past its time budget"
+        seen = fuzz_service(url, token, max_examples=20, budget_s=90)
     assert len(seen) == 6 and all(code < 500 for codes in seen.values() for code in codes), seen
     assert {200, 422} <= seen["POST /v1/chat/completions"], seen  # both sides of validation
     assert 422 in seen["POST /pools/{pool}/scale"], seen

@@ -145,6 +145,72 @@ def test_bad_values_name_the_field_and_value(override, name):
     assert name in problems(exc) and f"got {value}" in problems(exc)[name]
 
 
+@pytest.mark.parametrize("override,name", [
+    # Every size, count and limit not covered above, zero and negative.
+    ("pools.generator.num_cpus=-1", "pools.generator.num_cpus"),
+    ("pools.judge.num_gpus=-0.5", "pools.judge.num_gpus"),
+    ("pools.generator.tensor_parallel_size=0", "pools.generator.tensor_parallel_size"),
+    ("pools.judge.batch_size=-4", "pools.judge.batch_size"),
+    ("pools.generator.max_in_flight=-1", "pools.generator.max_in_flight"),
+    ("pools.generator.min_replicas=0", "pools.generator.min_replicas"),
+    ("pools.judge.max_restarts=-1", "pools.judge.max_restarts"),
+    ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
+    ("sampling.max_new_tokens=-8", "sampling.max_new_tokens"),
+    ("sampling.temperature=-0.5", "sampling.temperature"),
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("trainer.stream_buffer=0", "trainer.stream_buffer"),
+    ("trainer.max_length=0", "trainer.max_length"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.max_failures=-1", "trainer.max_failures"),
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),
+    ("trainer.lr=0", "trainer.lr"),
+    ("trainer.lr=-0.5", "trainer.lr"),
+    ("judge.source_max_length=0", "judge.source_max_length"),
+    ("judge.candidate_max_length=-1", "judge.candidate_max_length"),
+    ("weight_sync.bucket_mb=0", "weight_sync.bucket_mb"),
+    ("weight_sync.timeout_s=-1", "weight_sync.timeout_s"),
+    ("run.log_every=0", "run.log_every"),
+    ("run.rounds=-1", "run.rounds"),
+    ("data.max_prompt_length=-5", "data.max_prompt_length"),
+])
+def test_more_bad_sizes_name_the_field_and_value(override, name):
+    with pytest.raises(ConfigError) as exc:
+        load(override)
+    value = override.split("=", 1)[1]
+    assert list(problems(exc)) == [name] and f"got {value}" in problems(exc)[name]
+
+
+def test_max_replicas_below_min_replicas_names_max_replicas():
+    """The bounds are what is wrong, not `replicas` inside them: one problem, on the field
+    that holds the mistake."""
+    with pytest.raises(ConfigError) as exc:
+        load("pools.judge.max_replicas=0")
+    assert problems(exc) == {"pools.judge.max_replicas": "must be >= min_replicas (1) (got 0)"}
+    with pytest.raises(ConfigError) as exc:
+        load("pools.generator.min_replicas=3", "pools.generator.replicas=3",
+             "pools.generator.max_replicas=2")
+    assert list(problems(exc)) == ["pools.generator.max_replicas"]
+
+
+@pytest.mark.parametrize("override,name,shown", [
+    ("trainer.lr=.inf", "trainer.lr", "inf"),  # would pass `lr > 0`
+    ("trainer.eta=.nan", "trainer.eta", "nan"),
+    ("weight_sync.bucket_mb=1e999", "weight_sync.bucket_mb", "inf"),  # overflows to inf
+    ("sampling.temperature=-.inf", "sampling.temperature", "-inf"),
+    ("pools.generator.num_cpus=.inf", "pools.generator.num_cpus", "inf"),
+])
+def test_non_finite_numbers_are_refused(override, name, shown):
+    with pytest.raises(ConfigError) as exc:
+        load(override)
+    assert problems(exc) == {name: f"expected a finite number (got {shown})"}
+
+
+def test_non_finite_number_in_yaml_is_refused(tmp_path):
+    path = write_yaml(tmp_path, "trainer:\n  lr: .nan\njudge:\n  function: a:b\n")
+    with pytest.raises(ConfigError, match=r"trainer\.lr: expected a finite number \(got nan\)"):
+        load_config(path)
+
+
 def test_k_below_two_says_why():
     with pytest.raises(ConfigError, match=r"sampling\.k: must be >= 2: SPPO compares"):
         load("sampling.k=1")

@@ -62,6 +62,26 @@ BAD_PROMPT_ROWS = [
      "tokens after the chat template, over data.max_prompt_length=30"),
     ("duplicate-id", {"id": "g1", "prompt": "say hello"}, {}, "g1", "duplicate id 'g1'"),
     ("missing-id", {"prompt": "say hello"}, {}, None, "id column 'id' is missing or null"),
+    ("non-string-bool", {"id": "m", "prompt": True}, {}, "m", "not a string (got bool: True)"),
+    ("non-string-dict", {"id": "m", "prompt": {"text": "hi"}}, {}, "m",
+     "not a string (got dict: {'text': 'hi'})"),
+    # NBSP, ideographic space, em space: Unicode whitespace counts as whitespace.
+    ("unicode-whitespace", {"id": "m", "prompt": "\u00a0\u3000\u2003"}, {}, "m",
+     "'prompt' is whitespace-only"),
+    # Zero-width spaces, or NULs and a bell: nothing the model could read.
+    ("invisible-only", {"id": "m", "prompt": "\u200b \u200b"}, {}, "m",
+     "'prompt' has no visible characters"),
+    ("control-only", {"id": "m", "prompt": "\x00\x07"}, {}, "m",
+     "'prompt' has no visible characters"),
+    ("id-float", {"id": 1.5, "prompt": "hi"}, {}, None,
+     "id column 'id' must be a string or integer (got float)"),
+    ("id-bool", {"id": True, "prompt": "hi"}, {}, None,
+     "id column 'id' must be a string or integer (got bool)"),
+    ("id-object", {"id": {"n": 1}, "prompt": "hi"}, {}, None,
+     "id column 'id' must be a string or integer (got dict)"),
+    ("id-empty", {"id": "", "prompt": "hi"}, {}, None, "id column 'id' is empty"),
+    ("id-whitespace", {"id": " \t", "prompt": "hi"}, {}, None,
+     "id column 'id' is whitespace-only"),
     ("invalid-json", '{"id": "m", "prompt": "hi",}', {}, None, "invalid JSON"),
     ("not-an-object", '["a", "list"]', {}, None, "expected a JSON object, got list"),
 ]
@@ -182,6 +202,37 @@ def test_non_utf8_bytes_are_a_data_error(tmp_path, tok, mode):
                      + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.jsonl: line 2 is not valid UTF-8 \(byte 0xe9\)"):
         load_prompts(cfg_for(path, on_bad_row=mode), tok)
+
+
+def test_duplicate_ids_compare_as_strings(tmp_path, tok):
+    """An integer id and the same digits as a string are one id: the later row is the
+    duplicate, named with the id and its line."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": 7, "prompt": "hi"}, GOOD_1,
+                                              {"id": "7", "prompt": "yo"}])
+    ps = load_prompts(cfg_for(path, id_column="id"), tok)
+    assert [p.id for p in ps.prompts] == ["7", "g1"]
+    (bad,) = ps.bad_rows
+    assert (bad.index, bad.line, bad.id) == (2, 3, "7")
+    assert "duplicate id '7'" in bad.reason
+
+
+def test_duplicate_of_a_bad_row_is_reported_too(tmp_path, tok):
+    """The first row with an id is bad (empty prompt) and a later one reuses the id: both are
+    reported, each with its own reason, and neither becomes a prompt (ids must be unique in
+    the file, not only among the good rows)."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": ""}, GOOD_1,
+                                              {"id": "a", "prompt": "hi"}])
+    ps = load_prompts(cfg_for(path, id_column="id"), tok)
+    assert [p.id for p in ps.prompts] == ["g1"]
+    assert [(b.index, b.id) for b in ps.bad_rows] == [(0, "a"), (2, "a")]
+    assert "'prompt' is empty" in ps.bad_rows[0].reason
+    assert "duplicate id 'a'" in ps.bad_rows[1].reason
+
+
+def test_visible_text_with_invisible_characters_is_kept(tmp_path, tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi\u200b there"}, {"prompt": " x "}])
+    ps = load_prompts(cfg_for(path), tok)
+    assert ps.bad_rows == [] and [p.raw for p in ps.prompts] == ["hi\u200b there", " x "]
 
 
 def test_blank_lines_are_not_rows_and_line_numbers_stay_right(tmp_path, tok):
@@ -403,6 +454,25 @@ def test_json_array_through_datasets(tmp_path, tok, hf_cache):
     assert [(b.index, b.id) for b in ps.bad_rows] == [(1, "g2")]
     with pytest.raises(DataError, match=r"row 1 id='g2': column 'prompt' is empty"):
         load_prompts(cfg_for(path, id_column="id", on_bad_row="error"), tok)
+
+
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_non_utf8_json_file_names_the_line(tmp_path, tok, hf_cache, mode):
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"prompt": "hi"},\n {"prompt": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin1\.json: line 2 is not valid UTF-8 \(byte 0xe9\)"):
+        load_prompts(cfg_for(path, on_bad_row=mode), tok)
+
+
+def test_truncated_parquet_names_the_file_and_the_cause(tmp_path, tok, hf_cache):
+    import datasets
+
+    path = tmp_path / "cut.parquet"
+    datasets.Dataset.from_dict({"prompt": ["hello there"] * 50}).to_parquet(str(path))
+    path.write_bytes(path.read_bytes()[:200])  # as if a copy stopped half way
+    with pytest.raises(DataError, match=r"cannot load .*cut\.parquet") as err:
+        load_prompts(cfg_for(path), tok)
+    assert "Parquet" in str(err.value)  # pyarrow's reason, not only a wrapper's
 
 
 def test_broken_json_file_names_the_file(tmp_path, tok, hf_cache):

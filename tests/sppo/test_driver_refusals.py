@@ -1,0 +1,65 @@
+"""`python -m sppo.driver` refuses bad input before any work: exit code 2, a message on stderr
+that names the config field and the value, nothing written to the run directory and, for
+problems that need no cluster, Ray not even started.
+
+`test_driver.py` covers a config with bad values and a pool asking for GPUs the cluster does
+not have; this file adds local paths that do not exist and a pool asking for more CPUs than
+the cluster has.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import sppo.driver
+from sppo.driver import main
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the driver gets as far as connecting to Ray."""
+
+    def connect_ray(cfg):
+        raise AssertionError("the driver started Ray before refusing the config")
+
+    monkeypatch.setattr(sppo.driver, "connect_ray", connect_ray)
+
+
+# Local paths only: a hub id ("org/name") cannot be checked without the hub, and is reported
+# where it is loaded.
+MISSING_PATHS = [
+    ("model.path", "/no/such/model", []),
+    ("model.path", "./no/such/model", []),
+    ("data.path", "/no/such/prompts.jsonl", []),
+    ("judge.model_path", "/no/such/reward-model", ["judge.backend=reward_model"]),
+]
+
+
+@pytest.mark.parametrize("field,value,extra", MISSING_PATHS,
+                         ids=[f"{f}={v}" for f, v, _ in MISSING_PATHS])
+def test_missing_local_path_is_refused_before_ray(tmp_path, capsys, no_ray, field, value, extra):
+    code = main([f"run.output_dir={tmp_path}", f"{field}={value}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert field in err and value in err and "does not exist" in err
+    assert not any(tmp_path.iterdir())  # no run directory, no config.yaml
+
+
+def test_existing_paths_and_hub_ids_pass_the_path_check(tmp_path, capsys, no_ray):
+    """A hub id or a `builtin:` name is not a local path; the check must not refuse it (here
+    the driver goes on to start Ray, which the fixture turns into the AssertionError)."""
+    with pytest.raises(AssertionError, match="started Ray"):
+        main([f"run.output_dir={tmp_path}", "model.path=someone/some-model"])
+    with pytest.raises(AssertionError, match="started Ray"):
+        main([f"run.output_dir={tmp_path}", "model.path=builtin:tiny-llama"])
+
+
+def test_pool_asking_for_more_cpus_than_the_cluster_is_refused(ray_cluster, tmp_path, capsys):
+    """4 generators x 8 CPUs on the session's 16-CPU cluster: refused, naming the pool and
+    both amounts, before any actor starts."""
+    code = main([f"run.output_dir={tmp_path}", "pools.generator.replicas=4",
+                 "pools.generator.max_replicas=4", "pools.generator.num_cpus=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pools.generator" in err and "32" in err and "16" in err
+    assert not any(tmp_path.iterdir())
