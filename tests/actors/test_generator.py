@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from actors.generator import GeneratorPool, _buckets, make_generator_factory
@@ -342,3 +343,56 @@ def test_chat_samples_with_the_request_settings_and_current_weights(
         assert chat(n=1)[0]["weight_version"] == 2
     finally:
         pool.shutdown()
+
+
+# ---------------------------------------------------------------------------- placement
+
+
+def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster, monkeypatch):
+    """Resources from `pools.generator` through `.options()`; on a role-labelled cluster the
+    actor (or, with tensor parallelism, every bundle of its placement group) asks for a
+    `role: generator` node. The session's cluster has no labels, so the node list is the one
+    `ray.nodes()` gives on a labelled cluster."""
+    import sys
+
+    import actors.generator as gen_mod
+    from actors.generator import GeneratorFactory
+
+    seen: dict = {}
+
+    class ActorClass:
+        def options(self, **kw):
+            seen["options"] = kw
+            return self
+
+        def remote(self, build):
+            return "handle"
+
+    monkeypatch.setattr(gen_mod.ray, "remote", lambda cls: ActorClass())
+    pool = PoolConfig(num_cpus=2, num_gpus=1, max_restarts=1, tensor_parallel_size=2)
+    plain = GeneratorFactory(lambda: None, pool, tensor_parallel=False)
+    assert plain() == "handle"
+    assert seen["options"] == dict(num_cpus=2.0, num_gpus=1.0, max_restarts=1,
+                                   max_task_retries=0)  # unlabelled: anywhere
+
+    monkeypatch.setattr(gen_mod.ray, "nodes", lambda: [
+        {"Alive": True, "Labels": {"role": "head"}, "Resources": {"CPU": 1}},
+        {"Alive": True, "Labels": {"role": "generator"}, "Resources": {"CPU": 8, "GPU": 2}}])
+    plain()
+    assert seen["options"]["label_selector"] == {"role": "generator"}
+
+    groups = []
+    pg_mod = sys.modules["ray.util.placement_group"]  # `ray.util.placement_group` is the function
+    real_placement_group = pg_mod.placement_group
+    monkeypatch.setattr(pg_mod, "placement_group", lambda bundles, **kw: groups.append(
+        (bundles, kw)) or real_placement_group(
+            [{"CPU": 0.01}], strategy="PACK"))  # a real, tiny group for the strategy to name
+    tp = GeneratorFactory(lambda: None, pool, tensor_parallel=True)
+    try:
+        tp()
+        (bundles, kw), = groups
+        assert bundles == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0}]
+        assert kw["bundle_label_selector"] == [{"role": "generator"}] * 2
+        assert "label_selector" not in seen["options"] and seen["options"]["num_gpus"] == 0
+    finally:
+        tp.release()

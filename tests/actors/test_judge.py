@@ -309,9 +309,10 @@ def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
         np.testing.assert_allclose(by_id[w.prompt.id].probs, w.probs)
 
 
-def test_factory_takes_resources_from_config(monkeypatch):
+def test_factory_takes_resources_from_config(ray_cluster, monkeypatch):
     """Resources and restarts come from `pools.judge` through `.options()`; the engine goes to
-    CUDA exactly when the pool asks for GPUs."""
+    CUDA exactly when the pool asks for GPUs; on a role-labelled cluster the actor asks for a
+    `role: judge` node (the session's cluster has no labels: no selector)."""
     import actors.judge as judge_mod
 
     seen = {}
@@ -335,3 +336,9 @@ def test_factory_takes_resources_from_config(monkeypatch):
     assert seen["build"].func is PairRMEngine
     assert seen["build"].keywords["device"] == "cuda"
     assert seen["build"].keywords["backbone"] == "/b"
+    # The node list as `ray.nodes()` gives it on a cluster whose nodes carry role labels.
+    monkeypatch.setattr(judge_mod.ray, "nodes", lambda: [
+        {"Alive": True, "Labels": {"role": "head"}, "Resources": {"CPU": 1}},
+        {"Alive": True, "Labels": {"role": "judge"}, "Resources": {"CPU": 8, "GPU": 1}}])
+    factory()
+    assert seen["options"]["label_selector"] == {"role": "judge"}
