@@ -7,10 +7,11 @@ One `TrainStream` actor per job, created by the driver (`create_stream`). Three 
   `step_metrics(t)` and `status()` to watch;
 - producers (the pipeline): `put(t, rows)` blocks while the buffer holds `buffer_rows` rows,
   `end_round(t)` when the round's last row is in;
-- trainer workers: rank 0 `attach(t)` when the worker group starts; every rank `wait_round(t)`,
-  then `next_step(t, rank, step, generation)` until it returns None; rank 0 also `log_step`,
-  `round_counts` and `round_done`. `TrainerRun` calls `abort(reason)` if the run dies for
-  good, so that nobody waits forever on a trainer that is gone.
+- trainer workers: rank 0 `attach(t)` and `newer_checkpoint(t)` when the worker group starts;
+  every rank `wait_round(t)`, then `next_step(t, rank, step, generation)` until it returns
+  None; rank 0 also `log_step`, `round_counts`, `round_redone` and `round_done`. `TrainerRun`
+  calls `abort(reason)` if the run dies for good, so that nobody waits forever on a trainer
+  that is gone.
 
 Equal work on every rank, so FSDP collectives never hang: the actor forms each optimizer step's
 global batch once (the first rank to ask triggers it) and every rank gets its slice, all slices
@@ -25,7 +26,10 @@ cannot fit `max_length` are dropped (or cut) at `put` time, see `sppo.rows.fit_r
 With `epochs > 1`, later epochs replay the rows trained in epoch 0, reshuffled (seeded).
 A restarted worker group resumes from the last round checkpoint; `attach` then rewinds the
 round in progress so its rows are trained again from the round-start weights (they were lost
-with the failed workers' weights), never twice into the same weights.
+with the failed workers' weights), never twice into the same weights. `round_redone` says what a
+round redid that way (restarts, steps and rows), for the round's report. A round that is done
+(handed to the driver) is never trained again: a group that resumed before it loads its
+checkpoint (`newer_checkpoint`), and asking for a step twice is an error.
 
 The class is plain asyncio (tested without Ray); `create_stream` makes it a Ray async actor.
 Not here: the training itself (`actors.trainer`) and building rows (`sppo.rows`).
@@ -93,6 +97,11 @@ class _Round:
     dropped: collections.Counter = field(default_factory=collections.Counter)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     result: Optional[RoundResult] = None
+    handed_steps: int = 0  # steps every rank has received (since the last rewind)
+    handed_rows: int = 0  # rows in those steps, all ranks
+    restarts: int = 0  # worker groups that restarted while this round was unfinished
+    steps_redone: int = 0  # steps every rank had received before those restarts
+    rows_redone: int = 0  # rows in those steps (their training was lost: trained again)
 
 
 class TrainStream:
@@ -174,7 +183,8 @@ class TrainStream:
             await self._cond.wait_for(
                 lambda: round_index in self._sync_targets or self._aborted)
             self._check_aborted()
-            return self._sync_targets.pop(round_index)
+            # Kept until round_done: a worker group restarted before then hands over again.
+            return list(self._sync_targets[round_index])
 
     async def step_metrics(self, round_index: int, start: int = 0) -> list[dict[str, Any]]:
         async with self._cond:
@@ -254,6 +264,10 @@ class TrainStream:
             r = self._round(round_index)
             while step not in r.steps:
                 self._check_generation(generation)
+                if step < r.next_form or r.result is not None:
+                    # Forming more steps would never bring it back (an endless loop).
+                    raise RuntimeError(f"round {round_index} step {step} was already handed "
+                                       f"to every rank (rank {rank} asks again)")
                 if step > r.next_form or not self._form_next(r):
                     await self._cond.wait()
             self._check_generation(generation)
@@ -263,6 +277,9 @@ class TrainStream:
             seen.add(rank)
             if len(seen) == self._world:  # everyone has it: free the rows
                 del r.steps[step], r.fetched[step]
+                if ranks is not None:
+                    r.handed_steps += 1
+                    r.handed_rows += self._world * len(ranks[0])
             if ranks is None:
                 return None
             return StepSlice(step=step, epoch=r.epoch_of_step[step], rows=ranks[rank],
@@ -276,11 +293,21 @@ class TrainStream:
         async with self._cond:
             return self._counts(self._round(round_index))
 
+    async def round_redone(self, round_index: int) -> dict[str, int]:
+        """What worker-group restarts made round `round_index` redo: `worker_restarts`, and the
+        `steps_redone` and `rows_redone` that every rank had received before them (their
+        training was lost with the workers, so they were trained again)."""
+        async with self._cond:
+            r = self._round(round_index)
+            return {"worker_restarts": r.restarts, "steps_redone": r.steps_redone,
+                    "rows_redone": r.rows_redone}
+
     async def round_done(self, result: RoundResult) -> None:
         async with self._cond:
             r = self._round(result.round_index)
             r.result = result
             r.trained, r.replay = [], collections.deque()  # the rows are no longer needed
+            self._sync_targets.pop(result.round_index, None)
             self._cond.notify_all()
 
     async def attach(self, next_round: int) -> tuple[int, bool]:
@@ -292,13 +319,32 @@ class TrainStream:
         Returns (generation, hand_over_again).
         """
         async with self._cond:
+            restart = self._generation > 0  # the first group may attach after begin_round
             self._generation += 1
             r = self._rounds.get(next_round)
             if r is not None and r.result is None:
+                if restart:
+                    r.restarts += 1
+                    r.steps_redone += r.handed_steps
+                    r.rows_redone += r.handed_rows
                 self._rewind(r)
             self._cond.notify_all()
             prev = self._rounds.get(next_round - 1)
-            return self._generation, prev is not None and prev.result is None
+            hand_over_again = prev is not None and prev.result is None
+            if hand_over_again:
+                prev.restarts += 1
+            return self._generation, hand_over_again
+
+    async def newer_checkpoint(self, next_round: int) -> Optional[tuple[int, str]]:
+        """`(round, checkpoint_path)` of the latest round from `next_round` on that is already
+        done, or None. Called by rank 0 before `attach`: Ray Train registers a round's
+        checkpoint only once it has polled every rank's report, so a rank that dies just after
+        `ray.train.report` can leave it unregistered while rank 0 went on to `round_done`; the
+        restarted group then resumed from an older checkpoint and must load this one."""
+        async with self._cond:
+            done = [t for t, r in self._rounds.items()
+                    if t >= next_round and r.result is not None]
+            return (max(done), self._rounds[max(done)].result.checkpoint_path) if done else None
 
     # ------------------------------------------------------------------ internals
 
@@ -357,6 +403,7 @@ class TrainStream:
         r.buffer.extendleft(reversed(r.trained))
         r.trained, r.replay = [], collections.deque()
         r.rows_trained, r.epoch, r.next_form = 0, 0, 0
+        r.handed_steps, r.handed_rows = 0, 0
         r.steps.clear(), r.fetched.clear(), r.epoch_of_step.clear()
         r.dropped.pop(REMAINDER, None)
         r.metrics.clear()

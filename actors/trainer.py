@@ -25,7 +25,10 @@ hands the weights to the driver through `hand_off` (default `object_store_hand_o
 
 Exact resume is at round boundaries: the optimizer and schedule are fresh each round and the
 reference is the round-start policy, so the model weights are the whole training state. A round
-cut short by a failure is retrained from its start (the stream rewinds it).
+cut short by a failure is retrained from its start (the stream rewinds it); its report says what
+was redone (`worker_restarts`, `steps_redone`, `rows_redone`). A round already handed to the
+driver is never retrained: if Ray Train restored an older checkpoint (a rank died before the
+controller registered the newer one), the workers load that round's checkpoint instead.
 
 Not here: building rows (`sppo.rows`), the losses (`sppo.loss`), weight broadcast to generators.
 """
@@ -237,17 +240,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         next_round = resumed["round_index"] + 1
         logger.info("rank %d resumed after round %d from %s", rank, next_round - 1,
                     checkpoint.path)
-    attach = [None, None]
+    control = [None, None, None]  # newer checkpoint, worker generation, hand over again
     if rank == 0:
-        attach = list(ray.get(stream.attach.remote(next_round)))
-    dist.broadcast_object_list(attach, src=0)
-    generation, hand_over_again = attach
+        newer = ray.get(stream.newer_checkpoint.remote(next_round))
+        control = [newer, *ray.get(stream.attach.remote(newer[0] + 1 if newer else next_round))]
+    dist.broadcast_object_list(control, src=0)
+    newer, generation, hand_over_again = control
+    if newer is not None:  # Ray Train restored an older checkpoint than the last round done
+        with ray.train.Checkpoint(newer[1]).as_directory() as ckpt_dir:
+            _load_training_state(policy, Path(ckpt_dir))
+        next_round = newer[0] + 1
+        logger.info("rank %d caught up to round %d from %s", rank, newer[0], newer[1])
     if hand_over_again:  # the failure came between the checkpoint and round_done
         full = _full_state_dict(policy)
         if rank == 0:
+            t = resumed["round_index"]
+            report = {**resumed["report"], **ray.get(stream.round_redone.remote(t))}
             ray.get(stream.round_done.remote(RoundResult(
-                resumed["round_index"], resumed["report"], hand_off(full, resumed["round_index"]),
-                resumed["checkpoint_path"])))
+                t, report, hand_off(full, t), resumed["checkpoint_path"])))
 
     while True:
         spec = ray.get(stream.wait_round.remote(next_round))
@@ -296,6 +306,7 @@ def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream,
                               "loss_mean": sum(losses) / len(losses) if losses else math.nan}
     if rank == 0:
         counts = ray.get(stream.round_counts.remote(t))
+        report.update(ray.get(stream.round_redone.remote(t)))  # after a worker-group restart
         report.update({k: v for k, v in counts.items() if k != "dropped"})
         report.update({f"dropped_{k}": v for k, v in counts["dropped"].items()})
     return report
@@ -370,14 +381,17 @@ class TrainerRun:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
+        from cluster.placement import trainer_scaling_kwargs
+
         self._stream = stream
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"model_path": model_path, "trainer": trainer, "stream": stream,
                                "hand_off": hand_off},
             torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=trainer.num_workers,
-                                         use_gpu=trainer.use_gpu),
+            # Placed on `role: trainer` nodes of a role-labelled cluster, anywhere otherwise.
+            scaling_config=ScalingConfig(**trainer_scaling_kwargs(trainer.num_workers,
+                                                                  trainer.use_gpu)),
             run_config=RunConfig(
                 name=name, storage_path=str(Path(storage_path).expanduser().resolve())
                 if "://" not in storage_path else storage_path,
