@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from sppo.records import Failed
 
@@ -225,8 +225,7 @@ class ActorPool:
         """Run `prepare` on a new or restarted actor; replace it if it is dead for good."""
         try:
             if slot.failed:
-                # Waits while Ray restarts it; raises if it will not come back.
-                ray.get(slot.actor.__ray_ready__.remote(), timeout=_READY_TIMEOUT_S)
+                self._wait_restarted(slot)  # raises if it will not come back
                 slot.failed = False
             if self._prepare is not None:
                 self._prepare(slot.actor)
@@ -240,6 +239,21 @@ class ActorPool:
                                    f"before taking work; last error: {exc}") from exc
             self._replace(slot, f"{exc.__class__.__name__} while preparing it")
             return False
+
+    @staticmethod
+    def _wait_restarted(slot: _Slot) -> None:
+        """Wait while Ray restarts the actor. `ActorUnavailableError` ("may be available
+        later") is what a restarting actor answers: keep waiting; dead for good raises."""
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while True:
+            try:
+                ray.get(slot.actor.__ray_ready__.remote(),
+                        timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def _collect(self, ref, out: list) -> None:
         slot = self._owner.pop(ref)

@@ -2,7 +2,8 @@
 
 One `TrainStream` actor per job, created by the driver (`create_stream`). Three parties use it:
 
-- the driver: `begin_round(t, expected_rows)`, then `wait_round_done(t)` (or
+- the driver: `mark_done(t, checkpoint)` once when it resumes a run after round t,
+  `begin_round(t, expected_rows)`, then `wait_round_done(t)` (or
   `TrainerRun.wait_round_done`, which also notices a dead trainer); `finish()` at the end;
   `step_metrics(t)` and `status()` to watch;
 - producers (the pipeline): `put(t, rows)` blocks while the buffer holds `buffer_rows` rows,
@@ -147,6 +148,20 @@ class TrainStream:
             if self._finished:
                 raise RuntimeError("the stream is finished")
             self._rounds[round_index] = _Round(RoundSpec(round_index, expected_rows))
+            self._current = round_index
+            self._cond.notify_all()
+
+    async def mark_done(self, round_index: int, checkpoint_path: str) -> None:
+        """Record round `round_index` as done by an earlier driver (`--resume`), with its
+        checkpoint, before any round begins here. A trainer whose Ray Train restore found an
+        older checkpoint (the driver died before Ray Train registered this one) then catches
+        up to it through `newer_checkpoint` instead of expecting an earlier round."""
+        async with self._cond:
+            if self._current is not None:
+                raise RuntimeError(f"mark_done({round_index}) after round {self._current} began")
+            r = _Round(RoundSpec(round_index, 0))
+            r.result = RoundResult(round_index, {}, None, checkpoint_path)
+            self._rounds[round_index] = r
             self._current = round_index
             self._cond.notify_all()
 

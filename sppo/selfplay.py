@@ -117,6 +117,8 @@ class SelfPlay:
                                     epochs=t.epochs, max_length=t.max_length,
                                     selection=t.selection, reference=t.reference,
                                     seed=cfg.run.seed)
+        if start:  # the trainer must resume from this round's checkpoint, not an older one
+            ray.get(self.stream.mark_done.remote(start - 1, str(Path(gen_model).parent)))
         self.sync_method = cfg.weight_sync.method
         if self.sync_method == "auto":
             # NCCL between GPUs; on CPU the object store (shared memory on a node) measured

@@ -207,3 +207,41 @@ def test_ray_actor_blocks_a_producer_until_workers_take_rows(ray_cluster):
     end = ray.get([s.next_step.remote(0, r, 2, gen) for r in range(2)])
     assert [len(x.rows) for x in a + b] == [1, 1, 1, 1] and end == [None, None]
     ray.kill(s)
+
+
+def test_restart_counts_what_was_redone_and_a_step_asked_twice_is_an_error():
+    async def main():
+        s = _stream()
+        await s.attach(0)
+        await s.begin_round(0, 8)
+        await s.put(0, _rows(8))
+        await s.end_round(0)
+        await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))  # step 0 out
+        with pytest.raises(RuntimeError, match="already handed"):
+            await s.next_step(0, 0, 0, 1)  # would otherwise form steps forever
+        assert await s.round_redone(0) == {"worker_restarts": 0, "steps_redone": 0,
+                                           "rows_redone": 0}
+        await s.attach(0)  # the group died after step 0: it is trained again
+        assert await s.round_redone(0) == {"worker_restarts": 1, "steps_redone": 1,
+                                           "rows_redone": 4}
+        await _drain(s, 0, generation=2)
+        assert (await s.round_counts(0))["rows_trained"] == 8
+    asyncio.run(main())
+
+
+def test_a_resumed_job_points_an_older_restore_at_the_last_round_done():
+    """`--resume` after round 1: the driver marks round 1 done with its checkpoint. A trainer
+    whose restore found only round 0's checkpoint (round 1's was not registered when the old
+    driver died) learns of round 1's and then waits for round 2, not round 1."""
+    async def main():
+        s = _stream()
+        await s.mark_done(1, "/runs/x/train/round-1")
+        assert await s.newer_checkpoint(1) == (1, "/runs/x/train/round-1")
+        assert await s.newer_checkpoint(2) is None  # restored round 1 itself: nothing newer
+        assert await s.attach(2) == (1, False)  # round 1 is done: nothing to hand over again
+        waiter = asyncio.create_task(s.wait_round(2))
+        await s.begin_round(2, 0)
+        assert (await asyncio.wait_for(waiter, 1)).round_index == 2
+        with pytest.raises(RuntimeError, match="after round 2 began"):
+            await s.mark_done(1, "/elsewhere")
+    asyncio.run(main())
