@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from actors.engines.blender_compat import import_llm_blender
-from actors.engines.pairrm import PairRMEngine, resolve_dtype
+from actors.engines.pairrm import DisentangledEncoder, PairRMEngine, resolve_dtype
 from sppo.preference import bt_probs, bt_scores
 from sppo.tiny_pairrm import ensure_tiny_pairrm
 
@@ -141,3 +141,75 @@ def test_gpu_half_precision_close_to_cpu(tiny_pairrm, batched):
     mats = gpu.logits(PROMPTS, CANDIDATES)
     for got, want in zip(mats, batched):
         np.testing.assert_allclose(got, want, atol=0.1 * max(1.0, np.abs(want).max()))
+
+
+# ---------------------------------------------------------------- the packed DeBERTa encoder
+
+
+def test_pairrm_backbone_takes_the_packed_encoder(engine):
+    """The tiny PairRM is DeBERTa-v2 with c2p/p2c attention: the fast path, not the fallback."""
+    assert isinstance(engine.encoder, DisentangledEncoder)
+
+
+def _pairs(engine, n):
+    src, cands = engine._encode(PROMPTS[1], CANDIDATES[1])
+    seqs = [engine._pack(src, cands[i], cands[j]) for i, j in [(0, 1), (1, 2), (3, 0), (2, 3)]]
+    return seqs[:n]
+
+
+def test_encoder_is_transformers_forward_bit_for_bit(engine):
+    """One sequence: exactly transformers' DebertaV2Model output, also when the attention is cut
+    into one-head blocks."""
+    (ids,) = _pairs(engine, 1)
+    model = engine.ranker.pretrained_model
+    with torch.inference_mode():
+        want = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None]
+                     ).last_hidden_state[0]
+        got = engine.encoder(ids, [len(ids)])
+        one_head = DisentangledEncoder(model, block=1)(ids, [len(ids)])
+    assert torch.equal(got, want)
+    assert torch.equal(one_head, want)
+
+
+def test_encoder_packs_sequences_without_padding(engine):
+    """Sequences of different lengths packed end to end: each as if alone (up to GEMM rounding
+    on more rows), and no padding token is ever seen."""
+    seqs = _pairs(engine, 4)
+    assert len({len(s) for s in seqs}) > 1
+    with torch.inference_mode():
+        packed = engine.encoder(torch.cat(seqs), [len(s) for s in seqs])
+        alone = torch.cat([engine.encoder(s, [len(s)]) for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_through_the_rankers_forward_agrees(tiny_pairrm, batched):
+    """A backbone the packed encoder does not cover goes through `CrossCompareReranker._forward`
+    on padded batches; same logits."""
+    slow = PairRMEngine(str(tiny_pairrm.ranker_dir), backbone=str(tiny_pairrm.backbone_dir),
+                        batch_size=5, source_max_length=SRC_MAX, candidate_max_length=CAND_MAX)
+    slow.encoder = None
+    for got, want in zip(slow.logits(PROMPTS, CANDIDATES), batched):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_prefix_token_inside_a_text_is_an_error(engine):
+    """A response containing PairRM's own marker would make llm-blender's head read the wrong
+    states (its `reduce` fails on the shape); we refuse it by name."""
+    with pytest.raises(ValueError, match="prefix tokens"):
+        engine.logits([PROMPTS[0]], [["a <|candidate|> b", "no"]])
+
+
+def test_bf16_on_cpu_is_an_approximation_within_bounds(tiny_pairrm, batched):
+    """`dtype="bfloat16"` (opt-in; the CPU default is float32) trades precision for speed. On
+    this random model, whose large weights amplify rounding, it moves logits by up to ~0.25
+    (|l| < 3) and direct preference probabilities by up to ~0.03; bounds with some margin."""
+    from sppo.preference import pairwise_probs
+
+    fast = PairRMEngine(str(tiny_pairrm.ranker_dir), backbone=str(tiny_pairrm.backbone_dir),
+                        batch_size=5, source_max_length=SRC_MAX, candidate_max_length=CAND_MAX,
+                        dtype="bfloat16")
+    assert fast.dtype == torch.bfloat16
+    for got, want in zip(fast.logits(PROMPTS, CANDIDATES), batched):
+        assert np.abs(got - want).max() < 0.2 * np.abs(want).max()
+        p_got, p_want = (pairwise_probs(torch.tensor(x, dtype=torch.float64)) for x in (got, want))
+        assert (p_got - p_want).abs().max() < 0.1
