@@ -279,7 +279,10 @@ class GeneratorPool(BatchedPool):
         collective broadcast named its receivers reload the checkpoint)."""
         with self._lock:
             for actor in self._pool.actors():
-                self._prepare(actor)
+                try:
+                    self._prepare(actor)
+                except RayActorError as exc:  # restarted or replaced: prepared before work
+                    log.warning("generator %s died while being synced: %s", actor, exc)
 
     def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
         # Calls from one caller to one actor run in submission order.

@@ -11,6 +11,9 @@ Guarantees, relied on by the pipeline's "every prompt exactly once" accounting:
   `max_attempts` times; an actor that has died for good is replaced so the pool keeps its size;
 - `resize(n)` grows at once and shrinks by draining: a removed actor takes no new work and is
   killed once its in-flight calls have returned;
+- a new or restarted actor takes work only once it has answered `__ray_ready__`, checked
+  without waiting, so a slow start (a vLLM engine loading, a node being added) never blocks
+  the caller; one that does not come up within `_READY_TIMEOUT_S` is replaced;
 - an actor that raises `NeedsPrepare` (e.g. a generator restarted by Ray with stale weights)
   gets `prepare(actor)` run again and the item re-dispatched, not counted as an attempt.
 
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 _READY_TIMEOUT_S = 300.0  # how long a restarting actor may take to come back
 _MAX_PREPARE_FAILURES = 5  # fresh actors dying in a row before the pool gives up
 _LOCK_SLICE_S = 0.2  # longest a waiting BatchedPool call holds its lock at a time
+_READY_POLL_S = 1.0  # results(None) re-checks starting actors at least this often
 
 
 class NeedsPrepare(Exception):
@@ -72,7 +76,11 @@ class _Slot:
     in_flight: dict = field(default_factory=dict)  # ObjectRef -> _Task
     draining: bool = False
     prepared: bool = False
-    failed: bool = False  # a call failed because the actor died; check it before reuse
+    # Pending `__ray_ready__` call while the actor starts or restarts (None: it answered).
+    # Work goes only to answered actors, so a slow start (a vLLM engine loading, a node still
+    # being added) never blocks the caller; the pool checks without waiting.
+    starting: Any = None
+    starting_since: float = 0.0
 
 
 class ActorPool:
@@ -141,14 +149,19 @@ class ActorPool:
         `PoolCallError`.
         """
         out, self._ready = self._ready, []
-        while not out and self._owner:
+        while not out:
             refs = list(self._owner)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-            if not ready:
+            # With work queued, an actor coming up is worth waking for too.
+            starting = [s.starting for s in self._slots if s.starting is not None
+                        and not s.draining] if self._queue else []
+            if not refs and not starting:
                 break
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            for ref in ready:
-                self._collect(ref, out)
+            ready, _ = ray.wait(refs + starting, num_returns=1,
+                                timeout=_READY_POLL_S if timeout is None and starting
+                                else timeout)
+            if ready and refs:
+                for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0]:
+                    self._collect(ref, out)
             self._reap()
             self._dispatch()
             if timeout is not None:
@@ -162,7 +175,7 @@ class ActorPool:
         out: list[tuple[Any, Any]] = []
         while self.num_pending():
             got = self.results()
-            if not got and not self._owner and self._queue:
+            if not got and not self._owner and self._queue and self.size == 0:
                 raise RuntimeError(f"{self.name}: {len(self._queue)} item(s) queued but the "
                                    f"pool has no live actor (size {self.size})")
             out.extend(got)
@@ -180,7 +193,7 @@ class ActorPool:
                     s.draining = False
                     live.append(s)
             while len(live) < n:
-                slot = _Slot(self._make_actor(), next(self._ids))
+                slot = self._new_slot()
                 self._slots.append(slot)
                 live.append(slot)
         elif n < len(live):
@@ -191,7 +204,7 @@ class ActorPool:
 
     def ready_actor(self) -> Optional[Any]:
         """The least-busy live actor that has been prepared and not seen dying, or None."""
-        ready = [s for s in self._slots if not s.draining and s.prepared and not s.failed]
+        ready = [s for s in self._slots if not s.draining and s.prepared and s.starting is None]
         return min(ready, key=lambda s: (len(s.in_flight), s.id)).actor if ready else None
 
     def call_all(self, call: Callable[[Any], "ray.ObjectRef"]) -> list:
@@ -206,10 +219,16 @@ class ActorPool:
 
     # ------------------------------------------------------------------ internals
 
+    def _new_slot(self) -> _Slot:
+        actor = self._make_actor()
+        return _Slot(actor, next(self._ids), starting=actor.__ray_ready__.remote(),
+                     starting_since=time.monotonic())
+
     def _dispatch(self) -> None:
         while self._queue:
             free = [s for s in self._slots
                     if not s.draining and len(s.in_flight) < self._max_in_flight]
+            free = [s for s in free if self._up(s)]
             if not free:
                 return
             slot = min(free, key=lambda s: (len(s.in_flight), s.id))
@@ -221,12 +240,37 @@ class ActorPool:
             slot.in_flight[ref] = task
             self._owner[ref] = slot
 
+    def _up(self, slot: _Slot) -> bool:
+        """Whether the actor has answered since it (re)started; checks without waiting.
+        Replaces an actor that is dead for good or has not come up in `_READY_TIMEOUT_S`."""
+        if slot.starting is None:
+            return True
+        if not ray.wait([slot.starting], timeout=0)[0]:
+            if time.monotonic() - slot.starting_since > _READY_TIMEOUT_S:
+                self._prepare_failures += 1
+                self._give_up_check(f"not up after {_READY_TIMEOUT_S:.0f}s")
+                self._replace(slot, f"not up after {_READY_TIMEOUT_S:.0f}s")
+            return False
+        try:
+            ray.get(slot.starting)
+            slot.starting = None
+            return True
+        except ActorUnavailableError:  # restarting: "may be available later"; ask again
+            slot.starting = slot.actor.__ray_ready__.remote()
+        except RayActorError as exc:  # dead for good
+            self._prepare_failures += 1
+            self._give_up_check(str(exc))
+            self._replace(slot, f"{exc.__class__.__name__} while starting")
+        return False
+
+    def _give_up_check(self, last: str) -> None:
+        if self._prepare_failures > _MAX_PREPARE_FAILURES:
+            raise RuntimeError(f"{self.name}: {self._prepare_failures} actors in a row died "
+                               f"before taking work; last error: {last}")
+
     def _prepare_slot(self, slot: _Slot) -> bool:
         """Run `prepare` on a new or restarted actor; replace it if it is dead for good."""
         try:
-            if slot.failed:
-                self._wait_restarted(slot)  # raises if it will not come back
-                slot.failed = False
             if self._prepare is not None:
                 self._prepare(slot.actor)
             slot.prepared = True
@@ -234,26 +278,9 @@ class ActorPool:
             return True
         except (RayActorError, GetTimeoutError) as exc:
             self._prepare_failures += 1
-            if self._prepare_failures > _MAX_PREPARE_FAILURES:
-                raise RuntimeError(f"{self.name}: {self._prepare_failures} actors in a row died "
-                                   f"before taking work; last error: {exc}") from exc
+            self._give_up_check(str(exc))
             self._replace(slot, f"{exc.__class__.__name__} while preparing it")
             return False
-
-    @staticmethod
-    def _wait_restarted(slot: _Slot) -> None:
-        """Wait while Ray restarts the actor. `ActorUnavailableError` ("may be available
-        later") is what a restarting actor answers: keep waiting; dead for good raises."""
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while True:
-            try:
-                ray.get(slot.actor.__ray_ready__.remote(),
-                        timeout=max(1.0, deadline - time.monotonic()))
-                return
-            except ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
 
     def _collect(self, ref, out: list) -> None:
         slot = self._owner.pop(ref)
@@ -266,8 +293,12 @@ class ActorPool:
             self._queue.appendleft(task)
         except RayActorError as exc:
             self.restarts_seen += 1
-            # Restarted (re-ran __init__) or dead for good: check and prepare before new work.
-            slot.prepared, slot.failed = False, True
+            # Restarted (re-ran __init__) or dead for good: no new work until it answers
+            # again (or is replaced), then prepare it.
+            slot.prepared = False
+            if slot.starting is None:
+                slot.starting = slot.actor.__ray_ready__.remote()
+                slot.starting_since = time.monotonic()
             if task.attempts < self._max_attempts:
                 log.warning("%s: actor died with an item in flight; retrying it (attempt %d/%d)",
                             self.name, task.attempts + 1, self._max_attempts)
@@ -288,7 +319,7 @@ class ActorPool:
         slot.draining = True
         if was_live:
             self.replaced += 1
-            self._slots.append(_Slot(self._make_actor(), next(self._ids)))
+            self._slots.append(self._new_slot())
 
     def _reap(self) -> None:
         for s in [s for s in self._slots if s.draining and not s.in_flight]:
@@ -309,7 +340,10 @@ class BatchedPool:
     Thread-safe, unlike `ActorPool`: the driver's loop feeds it while the control service
     resizes it and picks actors for chat from its own threads. Every method holds one lock,
     and a waiting `results`/`drain` holds it for at most `_LOCK_SLICE_S` at a time, so a
-    resize waits a fraction of a second, never for a whole batch. `hold_resizes()` defers
+    resize usually waits a fraction of a second, never for a whole batch (the exceptions: a
+    new actor's `prepare`, e.g. a generator joining after a sync reloads the latest
+    checkpoint, and `GeneratorPool.broadcast_object_store` hold it while they run).
+    `hold_resizes()` defers
     resizes over a window in which the set of actors must not change (a collective weight
     broadcast names its receivers in advance); the last one asked for is applied at its end."""
 
@@ -323,6 +357,7 @@ class BatchedPool:
         self._lock = threading.RLock()
         self._holds = 0  # open hold_resizes() windows
         self._deferred: Optional[int] = None  # a resize asked for during a hold
+        self._closed = False  # shut down: no more resizes (they would start actors)
         self._pool = pool_cls(factory, pool_cfg.replicas, pool_cfg.max_in_flight,
                               prepare=prepare, name=self.stage)
 
@@ -401,6 +436,8 @@ class BatchedPool:
     def resize(self, n: int) -> None:
         """Grow to `n` actors now or shrink by draining; deferred while resizes are held."""
         with self._lock:
+            if self._closed:
+                raise ValueError(f"the {self.stage} pool is shut down")
             if self._holds:
                 self._deferred = n
                 log.info("%s pool: resize to %d deferred until the weight sync is done",
@@ -450,6 +487,7 @@ class BatchedPool:
 
     def shutdown(self) -> None:
         with self._lock:
+            self._closed = True
             self._pool.shutdown()
         release = getattr(self._factory, "release", None)  # e.g. placement groups
         if release is not None:

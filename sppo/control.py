@@ -22,7 +22,7 @@ import secrets
 from typing import TYPE_CHECKING, Any, Optional
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 if TYPE_CHECKING:
     from sppo.selfplay import SelfPlay
@@ -146,16 +146,24 @@ class SelfPlayControl:
         if actor is None:
             raise RuntimeError("no generator holds the current weights yet (starting or "
                                "re-syncing); retry shortly")
+        ref = actor.chat.remote(list(token_ids), max_tokens=max_tokens,
+                                temperature=temperature, top_p=top_p, n=n,
+                                seed=secrets.randbits(30))
         try:
-            return ray.get(actor.chat.remote(list(token_ids), max_tokens=max_tokens,
-                                             temperature=temperature, top_p=top_p, n=n,
-                                             seed=secrets.randbits(30)),
-                           timeout=self.chat_timeout_s)
-        except ValueError:  # the engine's refusal, e.g. prompt + max_tokens over the context
-            raise
-        except (RuntimeError, RayActorError, GetTimeoutError) as exc:
-            # WeightsUnavailable (mid-update) is a RuntimeError; a dead or busy actor likewise.
+            return ray.get(ref, timeout=self.chat_timeout_s)
+        except GetTimeoutError:
+            ray.cancel(ref)  # do not leave it queued ahead of the round's batches
+            raise RuntimeError(f"the generator did not answer within {self.chat_timeout_s:.0f}"
+                               " s (busy with the round's batches); retry later") from None
+        except RayActorError as exc:
             raise RuntimeError(f"the generator could not answer: {exc}") from None
+        except RayTaskError as exc:  # the method raised: report its own message, no traceback
+            cause = exc.cause if exc.cause is not None else exc
+            if isinstance(cause, ValueError):  # e.g. prompt + max_tokens over the context
+                raise ValueError(str(cause)) from None
+            if isinstance(cause, RuntimeError):  # WeightsUnavailable: mid-update
+                raise RuntimeError(f"the generator could not answer: {cause}") from None
+            raise
 
     # ------------------------------------------------------------------ helpers
 

@@ -123,7 +123,13 @@ def start_service(cfg: Config, run_dir: Path, job) -> "ControlServer":
     token = resolve_token(s.token_env, run_dir)
     server = ControlServer(create_app(SelfPlayControl(job), token), s.host, s.port).start()
     where = f"${s.token_env}" if from_env else str(run_dir / TOKEN_FILE)
-    (run_dir / "service.json").write_text(json.dumps({"url": server.url, "token": where}) + "\n")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # not made yet when the token is from $ENV
+        (run_dir / "service.json").write_text(
+            json.dumps({"url": server.url, "token": where}) + "\n")
+    except OSError:
+        server.stop()
+        raise
     log.info("control service on %s (bearer token in %s); API schema at %s/openapi.json",
              server.url, where, server.url)
     return server

@@ -148,7 +148,8 @@ class RoundPipeline:
         thread (it only reads counters)."""
         if self._out is None:
             return None
-        return self._progress(self._out, len(self._done), time.perf_counter() - self._start)
+        elapsed = self._out.wall_s or time.perf_counter() - self._start  # wall_s: round over
+        return self._progress(self._out, len(self._done), elapsed)
 
     def run(self, prompts: Sequence[Prompt]) -> RoundOutcome:
         out = self._out = RoundOutcome(prompts=len(prompts))

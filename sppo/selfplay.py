@@ -101,6 +101,7 @@ class SelfPlay:
         log.info("rounds: %s prompts per round; %d held out for evaluation",
                  [len(s) for s in self.split.shards], len(self.split.eval))
 
+        self._adopt_trained_rounds()
         start = self.state["completed_rounds"]
         gen_model = self.state["checkpoint"] if start else self.base_model
         self.generators = GeneratorPool(
@@ -139,6 +140,26 @@ class SelfPlay:
         self.trainer = TrainerRun(model_path=self.base_model, trainer=t, stream=self.stream,
                                   storage_path=str(self.run_dir), name="train",
                                   hand_off=hand_off).start()
+
+    def _adopt_trained_rounds(self) -> None:
+        """Continue after the newest complete round checkpoint when it is newer than
+        state.json: the trainer checkpoints a round before the driver syncs, evaluates and
+        records it, so a driver that stopped in between left a round trained but unrecorded.
+        Ray Train resumes from that checkpoint; the driver must begin the round after it."""
+        done = []
+        for d in (self.run_dir / "train").glob("round-*"):
+            complete = all((d / f).is_file() for f in ("round.json", "hf/config.json",
+                                                       "state/.metadata"))
+            if complete and d.name.split("-")[-1].isdigit():
+                done.append((int(d.name.split("-")[-1]), d))
+        if not done or max(done)[0] < self.state["completed_rounds"]:
+            return
+        t, ckpt = max(done)
+        log.warning("round %d was trained and checkpointed (%s) but the driver stopped before "
+                    "recording it: continuing after it (its sampling and evaluation figures "
+                    "are not in rounds/)", t, ckpt)
+        self.state = {"completed_rounds": t + 1, "checkpoint": str(ckpt / "hf")}
+        _write_json(self.state_path, self.state)
 
     # ------------------------------------------------------------------ the job
 

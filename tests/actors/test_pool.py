@@ -24,6 +24,7 @@ def _work(actor, x):
 def test_every_item_once_with_bounded_in_flight(ray_cluster):
     pool = ActorPool(_factory(), size=3, max_in_flight=2, name="echo")
     try:
+        ray.get([a.pid.remote() for a in pool.actors()])  # all three up: the spread is fair
         for i in range(30):
             pool.submit(i, _work)
             assert pool.num_in_flight() <= 3 * 2
@@ -71,6 +72,13 @@ def test_method_error_is_reported_not_retried(ray_cluster):
         pool.shutdown()
 
 
+def _until_in_flight(pool: ActorPool, n: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while pool.num_in_flight() < n:
+        assert time.monotonic() < deadline, "work never went out"
+        assert pool.results(timeout=0.05) == []  # dispatches to actors that came up
+
+
 def test_actor_killed_mid_call_is_restarted_and_item_retried(ray_cluster):
     prepared = []
 
@@ -83,6 +91,7 @@ def test_actor_killed_mid_call_is_restarted_and_item_retried(ray_cluster):
     try:
         pool.submit("x", _work)
         pool.submit("y", _work)
+        _until_in_flight(pool, 2)  # work goes out once the new actor has answered
         time.sleep(0.3)
         ray.kill(pool.actors()[0], no_restart=False)
         got = dict(pool.drain())
@@ -99,6 +108,7 @@ def test_actor_dead_for_good_is_replaced(ray_cluster):
     try:
         for i in range(4):
             pool.submit(i, _work)
+        _until_in_flight(pool, 2)
         time.sleep(0.3)
         ray.kill(pool.actors()[0], no_restart=True)
         got = dict(pool.drain())
@@ -166,8 +176,11 @@ def test_batched_pool_is_fed_and_resized_from_two_threads_losing_nothing(ray_clu
                 sizes.append((n, pool.status()["in_flight"] > 0))
 
         thread = threading.Thread(target=resizer)
+        pool.submit(range(0, 10))
+        while not got:  # the first actor is up and working before the resizes start
+            got.extend(pool.results(timeout=0.05))
         thread.start()
-        for i in range(0, 200, 10):
+        for i in range(10, 200, 10):
             pool.submit(range(i, i + 10))
             got.extend(pool.results(timeout=0.05))
         got.extend(pool.drain())
@@ -216,5 +229,40 @@ def test_results_wait_and_drain_report_a_pool_without_actors(ray_cluster):
         pool.submit([2])
         with pytest.raises(RuntimeError, match="no live actor"):
             pool.drain()
+    finally:
+        pool.shutdown()
+
+
+class SlowStart(Echo):
+    """An echo actor whose constructor takes `start_s` (a vLLM engine loading, say)."""
+
+    def __init__(self, start_s: float):
+        time.sleep(start_s)
+        super().__init__(0.0)
+
+
+def test_a_slow_starting_actor_never_blocks_the_caller(ray_cluster):
+    """Growing the pool with an actor that takes seconds to start: resize, submit and results
+    return at once, the live actor keeps working meanwhile, and the new one joins once up."""
+    slow = [False]
+
+    def make():
+        cls = ray.remote(SlowStart).options(num_cpus=0.1)
+        return cls.remote(3.0 if slow[0] else 0.0)
+
+    pool = ActorPool(make, size=1, max_in_flight=1, name="echo")
+    try:
+        pool.submit(0, _work)
+        assert [x for x, _ in pool.drain()] == [0]
+        slow[0] = True
+        t0 = time.monotonic()
+        pool.resize(2)
+        for i in range(1, 40):
+            pool.submit(i, _work)
+        got = pool.results(timeout=0.1)
+        assert time.monotonic() - t0 < 2.0  # nothing waited for the slow actor
+        assert got and len({pid for _, (_, pid) in got}) == 1  # the old actor kept working
+        got += pool.drain()
+        assert sorted(x for x, _ in got) == list(range(1, 40))
     finally:
         pool.shutdown()

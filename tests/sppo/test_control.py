@@ -240,3 +240,23 @@ def test_driver_refuses_to_start_when_the_service_port_is_taken(ray_cluster, tmp
     err = capsys.readouterr().err
     assert "error: service: control service failed to start" in err and str(port) in err
     assert not (tmp_path / "demo" / "state.json").exists()  # nothing ran
+
+
+def test_service_with_the_token_from_the_environment(ray_cluster, tmp_path, monkeypatch):
+    """The KubeRay set-up: the token comes from the environment and the run directory does not
+    exist yet when the service starts. Nothing secret is written; the env token works."""
+    from sppo.selfplay import SelfPlay
+
+    monkeypatch.setenv(TOKEN_ENV, "from-the-env")
+    cfg = _cfg(tmp_path)
+    run_dir = tmp_path / "fresh" / "run"
+    server = start_service(cfg, run_dir, SelfPlay(cfg, run_dir))
+    try:
+        info = (run_dir / "service.json").read_text()
+        assert f"${TOKEN_ENV}" in info and "from-the-env" not in info
+        assert not (run_dir / "api_token").exists()
+        ok = httpx.get(f"{server.url}/status", headers={"Authorization": "Bearer from-the-env"})
+        assert ok.status_code == 200 and ok.json()["stage"] == "starting"
+        assert ok.json()["pools"] == {} and ok.json()["progress"] is None
+    finally:
+        server.stop()

@@ -102,6 +102,19 @@ def test_resume_continues_without_redoing_a_round(ray_cluster, tmp_path):
     assert second["round"] == 1 and second["sync"]["generator_versions"] == [2, 2]
     assert json.loads((run / "state.json").read_text())["completed_rounds"] == 2
 
+    # A driver stopped after the trainer checkpointed round 1 but before it recorded it
+    # (sync, evaluate): state.json still says 1. The resumed run continues after round 1
+    # (Ray Train restores its checkpoint) instead of waiting for a round the trainer is past.
+    (run / "state.json").write_text(json.dumps({"completed_rounds": 1, "checkpoint": str(
+        run / "train" / "round-0" / "hf")}))
+    (run / "rounds" / "round-1.json").unlink()
+    assert main(["--resume", str(run), "run.rounds=3"]) == 0
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed_rounds"] == 3 and state["checkpoint"].endswith("round-2/hf")
+    third = json.loads((run / "rounds" / "round-2.json").read_text())
+    assert third["sync"]["generator_versions"] == [3, 3]
+    assert not (run / "rounds" / "round-1.json").exists()  # adopted, not redone
+
 
 def test_bad_config_stops_before_any_work(tmp_path, capsys):
     assert main([f"run.output_dir={tmp_path}", "sampling.k=1", "trainer.eta=0"]) == 2
