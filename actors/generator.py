@@ -36,7 +36,8 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from actors.engines.generation import GenerationEngine, Record
-from actors.pool import ActorPool, BatchedPool, NeedsPrepare
+from actors.batched_pool import BatchedPool
+from actors.pool import ActorPool, NeedsPrepare
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Failed, Prompt
 

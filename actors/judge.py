@@ -27,7 +27,8 @@ import numpy as np
 import ray
 from ray.actor import ActorHandle
 
-from actors.pool import ActorPool, BatchedPool
+from actors.batched_pool import BatchedPool
+from actors.pool import ActorPool
 from sppo.config import JudgeConfig, PoolConfig
 from sppo.preference import check_finite, preference_matrix, win_rates
 from sppo.records import Annotated, Failed, Generation

@@ -3,7 +3,7 @@
 
 The service calls these methods from its worker threads while the driver's thread runs the
 rounds. They only read the job's counters and files, or call the pools, which are thread-safe
-(`actors.pool.BatchedPool`); none of them waits on the round. In particular:
+(`actors.batched_pool.BatchedPool`); none of them waits on the round. In particular:
 - `scale` resizes a pool at once; while a weight sync is in progress the generator pool defers
   it to the end of the sync (`hold_resizes`), and the pool's status shows the `target` size;
 - `chat` templates the conversation with the policy's tokenizer and sends it to one prepared
