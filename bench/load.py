@@ -45,25 +45,12 @@ from actors.judge import JudgePool, make_judge_factory  # noqa: E402
 from actors.stream import RoundResult, create_stream  # noqa: E402
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig  # noqa: E402
 from sppo.pipeline import RoundPipeline  # noqa: E402
-from sppo.records import Generation, Prompt  # noqa: E402
+from sppo.records import Generation  # noqa: E402
 from sppo.rows import rows_from_annotated  # noqa: E402
-from sppo.tiny import WORDS, ensure_tiny_llama  # noqa: E402
+from sppo.tiny import ensure_tiny_llama, synthetic_prompts  # noqa: E402
 
 K, MAX_NEW_TOKENS = 2, 4
 MiB = 2 ** 20
-
-
-def make_prompts(model_dir: str, n: int, prefix: str) -> list[Prompt]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    raws = [f"tell me about the {WORDS[i % len(WORDS)]} and the {WORDS[(7 * i) % len(WORDS)]}"
-            for i in range(n)]
-    texts = [tok.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
-                                     add_generation_prompt=True) for r in raws]
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return [Prompt(id=f"{prefix}-{i}", text=t, token_ids=tuple(x), raw=r)
-            for i, (r, t, x) in enumerate(zip(raws, texts, ids))]
 
 
 def rss_bytes() -> int:
@@ -175,6 +162,9 @@ def main() -> None:
     args = ap.parse_args()
 
     model_dir = str(ensure_tiny_llama(Path(tempfile.gettempdir()) / "sppo-bench-tiny"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
     ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": {
         "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
     sampling = SamplingConfig(k=K, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS)
@@ -192,7 +182,7 @@ def main() -> None:
     tracemalloc.start()
     try:
         # Warm up (actors start, models load) and take one real record's size.
-        gens.submit(make_prompts(model_dir, 4, "warm"))
+        gens.submit(synthetic_prompts(tok, 4, "warm"))
         sample = next(g for g in gens.drain() if isinstance(g, Generation))
         gen_bytes = record_bytes(sample)
         print(f"pools: {args.replicas} generators + 1 judge, batch {args.batch}, "
@@ -201,7 +191,7 @@ def main() -> None:
         rounds = [("small", args.small)] if args.small else []
         peaks = []
         for t, (name, n) in enumerate(rounds + [("large", args.prompts)]):
-            report = one_round(gens, judges, make_prompts(model_dir, n, name), args, t, stream)
+            report = one_round(gens, judges, synthetic_prompts(tok, n, name), args, t, stream)
             print(f"{name} round: {report}")
             held = report["traced_peak_mib"] * MiB / gen_bytes
             print(f"  traced peak = {held:.0f} Generation records' worth, for {n} prompts")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = ["TinySpec", "build_tiny_tokenizer", "build_tiny_llama", "ensure_tiny_llama",
-           "resolve_model_path", "CHAT_TEMPLATE", "WORDS"]
+           "resolve_model_path", "synthetic_prompts", "CHAT_TEMPLATE", "WORDS"]
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -164,3 +164,17 @@ def resolve_model_path(path: str, cache_dir: str = "~/.cache/sppo-ray") -> str:
             raise ValueError(f"unknown builtin model {path!r}; known: 'builtin:tiny-llama'")
         return str(ensure_tiny_llama(cache_dir))
     return path
+
+
+def synthetic_prompts(tokenizer, n: int, prefix: str) -> list:
+    """`n` short templated, tokenized `Prompt`s with ids `<prefix>-<i>`, for load rounds
+    (tests/sppo/test_load.py, bench/load.py): deterministic, built from `WORDS`."""
+    from sppo.records import Prompt
+
+    raws = [f"tell me about the {WORDS[i % len(WORDS)]} and the {WORDS[(7 * i) % len(WORDS)]}"
+            for i in range(n)]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
+                                           add_generation_prompt=True) for r in raws]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [Prompt(id=f"{prefix}-{i}", text=t, token_ids=tuple(x), raw=r)
+            for i, (r, t, x) in enumerate(zip(raws, texts, ids))]

@@ -31,7 +31,7 @@ from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig
 from sppo.pipeline import RoundPipeline
 from sppo.records import Generation, Prompt
 from sppo.rows import rows_from_annotated
-from sppo.tiny import WORDS
+from sppo.tiny import synthetic_prompts
 
 K, MAX_NEW_TOKENS, BATCH, GENERATORS = 2, 4, 64, 3
 # The small round is already past the in-flight plateau (3 x 2 x 64 prompts generating, up to
@@ -40,16 +40,6 @@ K, MAX_NEW_TOKENS, BATCH, GENERATORS = 2, 4, 64, 3
 # it a small part of the per-prompt figure.
 SMALL, LARGE = 1000, 4000
 MiB = 2 ** 20
-
-
-def make_prompts(tok, n: int, prefix: str) -> list[Prompt]:
-    raws = [f"tell me about the {WORDS[i % len(WORDS)]} and the {WORDS[(7 * i) % len(WORDS)]}"
-            for i in range(n)]
-    texts = [tok.apply_chat_template([{"role": "user", "content": r}], tokenize=False,
-                                     add_generation_prompt=True) for r in raws]
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return [Prompt(id=f"{prefix}-{i}", text=t, token_ids=tuple(x), raw=r)
-            for i, (r, t, x) in enumerate(zip(raws, texts, ids))]
 
 
 def rss_mib() -> float:
@@ -107,12 +97,12 @@ def test_large_round_bounded_driver_memory_and_every_prompt_accounted(ray_cluste
     tracemalloc.start()
     try:
         # Warm pools (actors started, models loaded) and one real record's size.
-        gens.submit(make_prompts(tok, 4, "warm"))
+        gens.submit(synthetic_prompts(tok, 4, "warm"))
         sample = next(g for g in gens.drain() if isinstance(g, Generation))
         gen_bytes = record_bytes(sample)
         rounds = {}
         for name, n in (("small", SMALL), ("large", LARGE)):
-            prompts = make_prompts(tok, n, name)
+            prompts = synthetic_prompts(tok, n, name)
             t0 = time.perf_counter()
             rounds[name] = measured_round(gens, judges, prompts)
             rounds[name]["wall_s"] = round(time.perf_counter() - t0, 1)
