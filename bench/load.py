@@ -21,6 +21,7 @@ And one `Generation` record's traced size, so the peak can be read as "records h
 
     .venv/bin/python bench/load.py [--prompts 2000] [--small 1000] [--replicas 3] [--batch 64]
                                    [--sink stream|count]
+    .venv/bin/python bench/load.py --smoke   # CI: rounds of 24 and 48 prompts, 1 generator
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=3, help="generator actors")
     ap.add_argument("--batch", type=int, default=64, help="prompts per generator/judge call")
     ap.add_argument("--sink", choices=["stream", "count"], default="stream")
+    ap.add_argument("--smoke", action="store_true",
+                    help="rounds of 24 and 48 prompts, 1 generator: the code path quickly "
+                         "(tests/bench)")
+    if ap.parse_known_args()[0].smoke:  # flags given explicitly still win
+        ap.set_defaults(prompts=48, small=24, replicas=1, batch=8)
     args = ap.parse_args()
 
     model_dir = str(ensure_tiny_llama(Path(tempfile.gettempdir()) / "sppo-bench-tiny"))

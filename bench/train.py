@@ -3,6 +3,7 @@
     python bench/train.py                                   # CPU, gloo, tiny Llama
     python bench/train.py --model-size small --rows 96      # CPU, a wider random Llama
     python bench/train.py --device cuda --model-size 0.5b --workers 1 2 4 8   # GPU, bf16, NCCL
+    python bench/train.py --smoke                           # CI: 16 short rows, 2 workers
 
 Each worker count gets its own `TorchTrainer` run with one SPPO round (pair rows, frozen
 reference) over the same seeded synthetic rows and the same global batches, driven through the
@@ -122,6 +123,11 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU dense bf16 peak for MFU (H100/H200 SXM: 989)")
     p.add_argument("--work-dir", default=None, help="models and run storage (default: a temp dir)")
+    p.add_argument("--smoke", action="store_true",
+                   help="4 steps of short rows on 2 workers: the code path quickly (tests/bench)")
+    if p.parse_known_args()[0].smoke:  # flags given explicitly still win
+        # One worker count: each TorchTrainer run takes ~40 s to start on 2 cores.
+        p.set_defaults(workers=[2], rows=16, global_batch=4, prompt_len=8, response_len=8)
     args = p.parse_args()
 
     import ray

