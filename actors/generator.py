@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -40,6 +41,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from actors.engines.generation import GenerationEngine, Record
+from actors.engines.vllm_engine import EngineDead
 from actors.batched_pool import BatchedPool
 from actors.pool import ActorPool, NeedsPrepare
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
@@ -76,7 +78,10 @@ class Generator:
 
     @contextlib.contextmanager
     def _serve(self) -> Iterator[None]:
-        """Around a generate or chat call: waits for a one-call update to end."""
+        """Around a generate or chat call: waits for a one-call update to end. An engine
+        that died (vLLM's engine core process) ends this actor's process, so that Ray
+        restarts it with a new engine (`max_restarts`) and the pool re-syncs it; the call's
+        batch goes to another attempt like any batch of a dead actor."""
         with self._cond:
             self._cond.wait_for(lambda: self._update != "call")
             if self._update == "open":  # buckets may still come: the weights are partial
@@ -84,6 +89,9 @@ class Generator:
             self._serving += 1
         try:
             yield
+        except EngineDead as exc:
+            log.error("generator: %s; exiting so that Ray restarts this actor", exc)
+            os._exit(1)
         finally:
             with self._cond:
                 self._serving -= 1

