@@ -10,13 +10,18 @@ talks to them only through the `actors.stream.TrainStream` actor:
         result = run.wait_round_done(t)                 # RoundResult: report, weights, checkpoint
     run.finish()
 
-Each worker (`train_loop_per_worker`): loads the model, shards it with FSDP2 (`fully_shard` on
-every decoder block, then the root; bf16 `MixedPrecisionPolicy` on GPU, full precision on CPU
-unless asked), resumes from `ray.train.get_checkpoint()` if the run restarted, then per round:
-refreshes the frozen reference copy from the policy (or uses the generator's sampled-token
-log-probs), builds a fresh optimizer and schedule (`sppo.optim`), and takes the steps the stream
-hands out; each step accumulates gradients over micro-batches, scaled so the update equals that
-of one process on the whole global batch, then clips and steps. At the end of the round all
+Each worker (`train_loop_per_worker`): builds the model sharded with FSDP2 without ever holding
+it whole and fills its shards from the checkpoint (`actors.sharded_model`: meta device, each
+rank reads its own slices of the safetensors files; bf16 `MixedPrecisionPolicy` on GPU, full
+precision on CPU unless asked), builds the frozen reference the same way in the compute dtype
+(filled from the policy's shards, never read from disk), resumes from
+`ray.train.get_checkpoint()` if the run restarted, then per round: refreshes the reference from
+the policy (or uses the generator's sampled-token log-probs), builds a fresh optimizer and
+schedule (`sppo.optim`), and takes the steps the stream hands out; each step accumulates
+gradients over micro-batches (`trainer.micro_batch_tokens` padded tokens each, or
+`micro_batch_size` rows; `plan_micro_batches`), scaled so the update equals that of one
+process on the whole global batch, then clips and steps. Round reports carry every rank's peak
+host memory over the load and the round (and peak device memory on GPU). At the end of the round all
 ranks gather the full weights (`get_model_state_dict`, FSDP2: the FSDP1 cpu-offload gather
 segfaults on CPU), rank 0 writes `<checkpoint>/hf` (`save_pretrained` weights + tokenizer), all
 ranks write their shard of the training state (`<checkpoint>/state`, torch.distributed
@@ -48,13 +53,16 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from actors.sharded_model import (HostMemory, build_sharded, compute_dtype, copy_weights,
+                                  load_checkpoint)
 from actors.stream import RoundResult, RoundSpec
 from sppo.config import TrainerConfig
 from sppo.loss import compute_loss, sequence_logps
 from sppo.optim import build_optimizer, build_scheduler, schedule_steps
-from sppo.rows import Batch, collate, micro_batches
+from sppo.rows import Batch, collate, micro_batches, token_micro_batches
 
-__all__ = ["TrainerRun", "train_loop_per_worker", "object_store_hand_off", "arrays_to_state_dict"]
+__all__ = ["TrainerRun", "train_loop_per_worker", "train_step", "plan_micro_batches",
+           "object_store_hand_off", "arrays_to_state_dict"]
 
 logger = logging.getLogger("sppo.trainer")
 
@@ -86,54 +94,6 @@ def arrays_to_state_dict(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- the model
 
 
-def _shard(model: torch.nn.Module, mesh, mp_policy, *, trainable: bool) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-    # The root keeps its parameters gathered from forward to backward; a forward-only model
-    # has no backward to reshard them, so it must reshard right after forward.
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trainable)
-    return model
-
-
-def _load_sharded(model_path: str, cfg: TrainerConfig, mesh, *, trainable: bool):
-    """Every rank loads the full float32 model on CPU, then FSDP2 shards it onto the mesh.
-
-    (Simple and fine up to a few billion parameters; for larger models load on the meta device
-    and broadcast from rank 0 instead.)
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and cfg.use_gpu)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if bf16 else MixedPrecisionPolicy())
-    if trainable and cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not trainable:
-        model.requires_grad_(False)
-        model.eval()
-    return _shard(model, mesh, mp, trainable=trainable)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-@torch.no_grad()
-def _copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Copy `src`'s shards into identically sharded `dst` (no communication)."""
-    for (name_d, p_d), (name_s, p_s) in zip(dst.named_parameters(), src.named_parameters(),
-                                            strict=True):
-        if name_d != name_s:
-            raise RuntimeError(f"reference and policy differ: {name_d} vs {name_s}")
-        _local(p_d).copy_(_local(p_s))
-
-
 def _response_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    use_cache=False).logits  # (N, T, V)
@@ -151,18 +111,44 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- one step
 
 
+def plan_micro_batches(rows, cfg: TrainerConfig, device: torch.device) -> list[list]:
+    """This rank's micro-batches for one step; collective (all ranks call it together).
+
+    `micro_batch_tokens` > 0: rows packed up to that many padded tokens
+    (`sppo.rows.token_micro_batches`); else `micro_batch_size` rows each. Every FSDP rank must
+    run the same number of forward/backward passes (each pass all-gathers and reduce-scatters
+    with the others), so the ranks agree on the largest count and a rank with fewer splits its
+    largest micro-batches up to it. The stream deals every rank the same number of rows, so
+    that is always possible.
+    """
+    if cfg.micro_batch_tokens > 0:
+        mbs = token_micro_batches(rows, cfg.micro_batch_tokens)
+    else:
+        mbs = micro_batches(rows, cfg.micro_batch_size)
+    count = torch.tensor([len(mbs)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    n = int(count.item())
+    if n > len(mbs):
+        mbs = token_micro_batches(rows, cfg.micro_batch_tokens or 1, count=n)
+    if len(mbs) != n:
+        raise RuntimeError(f"this rank's {len(rows)} rows cannot make the {n} micro-batches "
+                           f"another rank needs: ranks were dealt different numbers of rows")
+    return mbs
+
+
 def train_step(policy, reference, optimizer, scheduler, rows, global_rows: int,
                cfg: TrainerConfig, pad_id: int, device: torch.device) -> dict[str, float]:
     """One optimizer step over this rank's `rows`; collective (all ranks call it together).
 
     Each micro-batch's summed loss is scaled by world / global_rows: FSDP averages gradients
-    over ranks, so the update is that of the mean loss over the whole global batch.
+    over ranks, so the update is that of the mean loss over the whole global batch, however
+    the rows are split into micro-batches (`plan_micro_batches`).
     """
     world = dist.get_world_size()
     start = time.perf_counter()
     policy.train()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ratio, target, rows, tokens
-    for rows_mb in micro_batches(rows, cfg.micro_batch_size):
+    for rows_mb in plan_micro_batches(rows, cfg, device):
         batch = collate(rows_mb, pad_id).to(device)
         b = batch.num_rows
         logps = _response_logps(policy, batch)  # (N,), N = B or 2B
@@ -227,9 +213,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
-    policy = _load_sharded(model_path, cfg, mesh, trainable=True)
-    reference = _load_sharded(model_path, cfg, mesh, trainable=False) \
+    memory, start = HostMemory(), time.perf_counter()
+    policy = build_sharded(model_path, cfg, mesh, device, trainable=True)
+    how = load_checkpoint(policy, model_path)
+    # The reference is refreshed from the policy's shards at every round's start.
+    reference = build_sharded(model_path, cfg, mesh, device, trainable=False) \
         if cfg.reference == "frozen" else None
+    load_peak = memory.peak_increase()
+    logger.info("rank %d: model loaded (%s) in %.1f s, host memory peak +%.2f GiB; reference %s",
+                rank, how, time.perf_counter() - start, load_peak / 2**30,
+                "none (sampled)" if reference is None else f"in {compute_dtype(cfg)}")
 
     next_round, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -264,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if spec is None:
             break
         report = _train_round(spec, policy, reference, cfg, stream, rank, generation, pad_id,
-                              device)
+                              device, memory, load_peak)
         _end_round(spec.round_index, report, policy, tokenizer, model_path, stream, rank,
                    hand_off)
         next_round += 1
@@ -274,13 +267,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream, rank: int,
-                 generation: int, pad_id: int, device: torch.device) -> dict[str, Any]:
+                 generation: int, pad_id: int, device: torch.device,
+                 memory: HostMemory, load_peak: int) -> dict[str, Any]:
     import ray
 
     t = spec.round_index
     start = time.perf_counter()
+    memory.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if reference is not None:
-        _copy_weights(reference, policy)
+        copy_weights(reference, policy)
     horizon, warmup = schedule_steps(spec.expected_rows, cfg.global_batch_size,
                                      cfg.schedule_epochs, cfg.warmup_ratio)
     optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -307,12 +304,29 @@ def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream,
                               "loss_first": losses[0] if losses else math.nan,
                               "loss_last": losses[-1] if losses else math.nan,
                               "loss_mean": sum(losses) / len(losses) if losses else math.nan}
+    report.update(_memory_report(memory, load_peak, device))
     if rank == 0:
         counts = ray.get(stream.round_counts.remote(t))
         report.update(ray.get(stream.round_redone.remote(t)))  # after a worker-group restart
         report.update({k: v for k, v in counts.items() if k != "dropped"})
         report.update({f"dropped_{k}": v for k, v in counts["dropped"].items()})
     return report
+
+
+def _memory_report(memory: HostMemory, load_peak: int,
+                   device: torch.device) -> dict[str, list[int]]:
+    """Collective: every rank's peak host memory over its load and over this round (bytes,
+    above the process's resident size before the load), and on GPU its peak of allocated
+    device memory in the round; lists in rank order."""
+    mine = [load_peak, memory.peak_increase(),
+            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None]
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    out = {"host_peak_load_bytes": [r[0] for r in ranks],
+           "host_peak_round_bytes": [r[1] for r in ranks]}
+    if device.type == "cuda":
+        out["device_peak_round_bytes"] = [r[2] for r in ranks]
+    return out
 
 
 def _end_round(t: int, report: dict[str, Any], policy, tokenizer, model_path: str, stream,

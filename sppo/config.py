@@ -156,7 +156,18 @@ class TrainerConfig:
     schedule_epochs: float = 18.0
     epochs: int = 1
     global_batch_size: int = 64  # training rows per optimizer step, all ranks together
-    micro_batch_size: int = 1  # rows per rank per forward pass
+    # Rows per rank per forward pass when `micro_batch_tokens` is 0.
+    micro_batch_size: int = 1
+    # A token budget per micro-batch (per rank, padded tokens: rows x longest sequence, both
+    # sequences of a pair counted): rows are packed longest first up to it, so a step pays
+    # FSDP's all-gathers and reduce-scatters once per budget, not once per row. 0: fixed
+    # `micro_batch_size` rows. Must hold one row of `max_length` tokens (two for pairs).
+    micro_batch_tokens: int = 0
+    # FSDP2's reshard_after_forward for the policy's decoder blocks: true frees each block's
+    # gathered parameters after its forward and gathers them again for backward (least
+    # memory, ZeRO-3); false keeps them from forward to backward (one all-gather fewer per
+    # block and micro-batch, ZeRO-2-like memory for the gathered blocks).
+    reshard_after_forward: bool = True
     max_grad_norm: float = 1.0
     max_length: int = 1024  # prompt + response tokens
     mixed_precision: Literal["auto", "bf16", "none"] = "auto"
@@ -231,6 +242,11 @@ class RunConfig:
     # Ray address; null = the cluster this job was submitted to, else a new local one.
     ray_address: Optional[str] = None
     log_every: int = 1
+    # GiB of memory per GPU for the memory plan (`sppo.plan`), when Ray's accelerator type
+    # does not tell it (e.g. "A100": 40 or 80 GB); null: from the accelerator type, and
+    # unchecked (a warning) when that is unknown. `--plan` uses it when --gpu-memory-gb is
+    # not given.
+    gpu_memory_gb: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -305,11 +321,19 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
          f"must be >= trainer.epochs ({t.epochs})")
     need(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0")
     need(t.global_batch_size > 0, "trainer.global_batch_size", t.global_batch_size, "must be > 0")
+    need(t.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", t.micro_batch_tokens,
+         "must be >= 0 (0: fixed micro_batch_size rows)")
+    if t.micro_batch_tokens > 0:
+        seqs = 2 if t.selection == "pair" else 1
+        need(t.micro_batch_tokens >= seqs * t.max_length, "trainer.micro_batch_tokens",
+             t.micro_batch_tokens, f"must hold one row: >= {seqs} x trainer.max_length "
+             f"({seqs * t.max_length})" + (" for selection 'pair'" if seqs == 2 else ""))
     if t.global_batch_size > 0 and t.micro_batch_size > 0 and t.num_workers > 0:
-        per_step = t.micro_batch_size * t.num_workers
+        per_step = (t.micro_batch_size if t.micro_batch_tokens == 0 else 1) * t.num_workers
         need(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
              t.global_batch_size,
-             f"must be a multiple of micro_batch_size * num_workers ({per_step})")
+             f"must be a multiple of micro_batch_size * num_workers ({per_step})"
+             if t.micro_batch_tokens == 0 else f"must be a multiple of num_workers ({per_step})")
     need(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be > 0")
     need(t.max_length > 0, "trainer.max_length", t.max_length, "must be > 0")
     need(t.stream_buffer > 0, "trainer.stream_buffer", t.stream_buffer, "must be > 0")
@@ -364,6 +388,8 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(r.rounds > 0, "run.rounds", r.rounds, "must be > 0")
     need(bool(r.name), "run.name", r.name, "must not be empty")
     need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
+    need(r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "run.gpu_memory_gb", r.gpu_memory_gb,
+         "must be > 0 or null")
     return out
 
 

@@ -2,18 +2,22 @@
 
 Connects to the Ray cluster it was submitted to (`ray job submit` sets RAY_ADDRESS), or to
 `run.ray_address`, or starts a local Ray when there is none; checks the config against the
-cluster's resources before any work; starts the control service when `service.enabled`
-(`cluster.service`, answering for the job through `sppo.control`); then runs the rounds
-(`sppo.selfplay.SelfPlay`).
+cluster's resources and its GPUs' memory (`sppo.plan`) before any work; starts the control
+service when `service.enabled` (`cluster.service`, answering for the job through
+`sppo.control`); then runs the rounds (`sppo.selfplay.SelfPlay`).
 
-With no arguments it runs the embedded demo, `configs/demo.yaml`. Exit codes: 0 done, 2 bad
-config, data or resources (nothing was started), 1 the run failed.
+`--plan` prints the memory plan per role instead, offline, against `--gpus` GPUs of
+`--gpu-memory-gb` GiB (defaults: 8, and `run.gpu_memory_gb` or 80), and starts nothing.
+
+With no arguments it runs the embedded demo, `configs/demo.yaml`. Exit codes: 0 done (or the
+plan fits), 2 bad config, data or resources (nothing was started), 1 the run failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -28,6 +32,8 @@ log = logging.getLogger("sppo.driver")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+PLAN_GPUS = 8
+PLAN_GPU_MEMORY_GB = 80.0
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -38,6 +44,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="continue the run in RUN_DIR after its last completed round")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan per role and exit (2 when a role does not fit); "
+                        "reads the models' config.json only, starts nothing")
+    p.add_argument("--gpus", type=int, default=PLAN_GPUS,
+                   help=f"--plan: GPUs available (default {PLAN_GPUS})")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="--plan: GiB per GPU (default: run.gpu_memory_gb, else "
+                        f"{PLAN_GPU_MEMORY_GB:g})")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_args(argv)
 
@@ -110,6 +124,80 @@ def connect_ray(cfg: Config) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
 
 
+def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float]) -> int:
+    """`--plan`: print the memory plan against `gpus` GPUs of `gpu_memory_gb` GiB, offline.
+    Returns 0 when every role fits, 2 (problems on stderr, each naming the fields to change)
+    when one does not or the GPUs are too few."""
+    from cluster.placement import check_resources
+    from sppo.model_facts import ModelConfigError
+    from sppo.plan import build_plan
+
+    memory = gpu_memory_gb or cfg.run.gpu_memory_gb or PLAN_GPU_MEMORY_GB
+    try:
+        plan = build_plan(cfg, memory)
+    except ModelConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(plan.format())
+    # CPUs are not part of the plan: only the GPU count is checked.
+    problems = plan.problems + check_resources(cfg, {"GPU": float(gpus), "CPU": math.inf})
+    if problems:
+        print(f"error: this config does not fit {gpus} GPUs of {memory:g} GiB:\n  "
+              + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    print("\nfits: " + (f"{gpus} GPUs of {memory:g} GiB" if _gpu_roles(cfg) else
+                         "no role uses a GPU"))
+    return 0
+
+
+def _gpu_roles(cfg: Config) -> list[str]:
+    p = cfg.pools
+    return [role for role, on in (("trainer", cfg.trainer.use_gpu),
+                                  ("generator", p.generator.num_gpus > 0),
+                                  ("judge", p.judge.num_gpus > 0
+                                   and cfg.judge.backend != "python")) if on]
+
+
+def check_memory(cfg: Config, nodes: list[dict]) -> list[str]:
+    """The memory plan against the cluster's GPUs (`nodes`: `ray.nodes()`): its problems, each
+    naming a role and the fields to change; [] when every role fits.
+
+    GPU memory per role: `run.gpu_memory_gb`, else the accelerator type of the nodes the role
+    runs on (its `role`-labelled nodes on a labelled cluster, else every GPU node). A role whose
+    memory is unknown, or a model whose config.json cannot be read here, is not checked: the
+    driver says so in a warning and goes on."""
+    from cluster.placement import ROLE_LABEL, is_role_labelled, live_nodes
+    from sppo.model_facts import ModelConfigError
+    from sppo.plan import build_plan, gpu_memory_gib
+
+    roles = _gpu_roles(cfg)
+    if not roles:
+        return []
+    alive = live_nodes(nodes)
+    labelled = is_role_labelled(alive)
+    memory: dict[str, Optional[float]] = {}
+    unknown = []
+    for role in roles:
+        if cfg.run.gpu_memory_gb:
+            memory[role] = cfg.run.gpu_memory_gb
+            continue
+        mine = [n for n in alive if (n.get("Labels") or {}).get(ROLE_LABEL) == role] \
+            if labelled else alive
+        memory[role], how = gpu_memory_gib(mine)
+        if memory[role] is None:
+            unknown.append(f"{role} ({how})")
+    try:
+        plan = build_plan(cfg, memory)
+    except ModelConfigError as exc:
+        log.warning("memory plan skipped: %s", exc)
+        return []
+    log.info("memory plan:\n%s", plan.format())
+    if unknown:
+        log.warning("GPU memory unknown for %s: not checked; set run.gpu_memory_gb to check it",
+                    ", ".join(unknown))
+    return plan.problems
+
+
 def start_service(cfg: Config, run_dir: Path, job) -> "ControlServer":
     """Start the control service for `job` and write `<run_dir>/service.json` (its URL and
     where the token is; never the token itself)."""
@@ -148,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(dump_yaml(cfg), end="")
         return 0
+    if args.plan:
+        return print_plan(cfg, args.gpus, args.gpu_memory_gb)
     missing = check_paths(cfg)
     if missing:
         print(f"error: {ConfigError(missing)}", file=sys.stderr)
@@ -167,6 +257,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     problems = check_resources(cfg, ray.cluster_resources(), ray.nodes())
     if problems:
         print("error: the cluster cannot run this config:\n  " + "\n  ".join(problems),
+              file=sys.stderr)
+        return 2
+    problems = check_memory(cfg, ray.nodes())
+    if problems:
+        print("error: this config does not fit the cluster's GPU memory (memory plan above; "
+              "`python -m sppo.driver --plan` prints it offline):\n  " + "\n  ".join(problems),
               file=sys.stderr)
         return 2
     log.info("run directory: %s", run_dir)

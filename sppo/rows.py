@@ -28,7 +28,7 @@ import torch
 from sppo.records import Annotated, TrainRow
 
 __all__ = ["Batch", "rows_from_annotated", "fit_row", "deal_to_ranks", "micro_batches",
-           "collate"]
+           "token_micro_batches", "padded_tokens", "collate"]
 
 TRUNCATED = "truncated"
 
@@ -116,6 +116,46 @@ def deal_to_ranks(rows: Sequence[TrainRow], world_size: int) -> list[list[TrainR
 def micro_batches(rows: Sequence[TrainRow], size: int) -> list[list[TrainRow]]:
     """Consecutive chunks of `size` rows (the last one may be smaller)."""
     return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def padded_tokens(rows: Sequence[TrainRow]) -> int:
+    """Tokens `collate(rows)` pads to: sequences (2 per pair row) x the longest sequence."""
+    if not rows:
+        return 0
+    seqs = 2 if rows[0].is_pair else 1
+    longest = max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids))
+                  for r in rows)
+    return seqs * len(rows) * longest
+
+
+def token_micro_batches(rows: Sequence[TrainRow], budget: int,
+                        count: int = 0) -> list[list[TrainRow]]:
+    """Pack `rows` into micro-batches of at most `budget` padded tokens (`padded_tokens`),
+    longest rows first, each micro-batch filled before the next starts (rows of similar
+    length share a micro-batch, so little of the budget is padding). A row over the budget
+    on its own gets a micro-batch of its own.
+
+    `count` > the packing's length splits the largest micro-batches (by padded tokens) in
+    halves until there are `count`, as far as rows allow: FSDP ranks must run the same
+    number of forward passes per step, so every rank packs, agrees on the largest count,
+    and splits up to it (see `actors.trainer.train_step`).
+    """
+    ordered = sorted(rows, key=lambda r: -(len(r.prompt_ids)
+                                           + max(len(r.chosen_ids), len(r.rejected_ids))))
+    out: list[list[TrainRow]] = []
+    for row in ordered:
+        if out and padded_tokens(out[-1] + [row]) <= budget:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    while len(out) < count:
+        splittable = [mb for mb in out if len(mb) > 1]
+        if not splittable:
+            break
+        big = max(splittable, key=padded_tokens)
+        i = out.index(big)
+        out[i:i + 1] = [big[:len(big) // 2], big[len(big) // 2:]]
+    return out
 
 
 @dataclass

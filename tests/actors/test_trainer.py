@@ -23,6 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from actors.stream import create_stream
 from actors.trainer import TrainerRun, arrays_to_state_dict, train_step
@@ -30,12 +31,15 @@ from sppo.config import TrainerConfig
 from sppo.loss import compute_loss, sequence_logps
 from sppo.optim import build_optimizer, build_scheduler, schedule_steps
 from sppo.records import TrainRow
-from sppo.rows import collate
+from sppo.rows import collate, deal_to_ranks, token_micro_batches
 
 # eta small and AdamW at 1e-3 so that weights visibly move and the loss falls step by step.
+# Micro-batches by tokens: a budget of 56 padded tokens packs one or two of these rows (pairs
+# of 5-18 tokens per sequence), so ranks with the same number of rows need different numbers
+# of forward passes and must agree on one (`plan_micro_batches`).
 CFG = TrainerConfig(num_workers=2, optimizer="adamw", lr=1e-3, eta=20.0, warmup_ratio=0.0,
-                    schedule_epochs=100.0, global_batch_size=4, micro_batch_size=1,
-                    max_grad_norm=1.0, max_length=64, stream_buffer=8, max_failures=1)
+                    schedule_epochs=100.0, global_batch_size=4, micro_batch_tokens=56,
+                    max_grad_norm=1.0, max_length=24, stream_buffer=8, max_failures=1)
 
 
 def _rows(n: int, seed: int, pair: bool = True) -> list[TrainRow]:
@@ -178,6 +182,17 @@ def test_two_worker_fsdp_matches_one_process_training(run, one_process):
                                        msg=lambda m, k=k: f"round {t} {k}: {m}")
 
 
+def test_token_budget_made_ranks_disagree_on_their_number_of_passes():
+    """The equivalence above covers the agreement in `plan_micro_batches`: in some step of
+    these rounds the two ranks' rows pack into different numbers of micro-batches."""
+    counts = [[len(token_micro_batches(rank_rows, CFG.micro_batch_tokens))
+               for rank_rows in deal_to_ranks(batch, CFG.num_workers)]
+              for rows, _ in ROUNDS for batch in _global_batches(rows, CFG.global_batch_size,
+                                                                  CFG.num_workers)]
+    assert any(len(set(c)) > 1 for c in counts), counts
+    assert any(max(c) > 1 for c in counts), counts  # and some rank packs more than one pass
+
+
 def test_loss_falls_over_steps_on_repeated_rows(run):
     losses = [m["loss"] for m in run.metrics[1]]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
@@ -247,21 +262,24 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss, selection, reference, checkpointing", [
-    ("sppo", "all", "sampled", False), ("sppo_hard", "pair", "frozen", False),
-    ("dpo", "pair", "sampled", False), ("ipo", "pair", "frozen", True)])
+@pytest.mark.parametrize("loss, selection, reference, checkpointing, reshard", [
+    ("sppo", "all", "sampled", False, True), ("sppo_hard", "pair", "frozen", False, False),
+    ("dpo", "pair", "sampled", False, True), ("ipo", "pair", "frozen", True, True)])
 def test_train_step_other_losses_and_references(one_rank_group, tiny_llama_dir, loss,
-                                                selection, reference, checkpointing):
-    from actors.trainer import _copy_weights, _load_sharded
+                                                selection, reference, checkpointing, reshard):
+    from actors.sharded_model import build_sharded, copy_weights, load_checkpoint
 
     cfg = TrainerConfig(num_workers=1, loss=loss, selection=selection, reference=reference,
                         optimizer="rmsprop", lr=1e-4, global_batch_size=4, micro_batch_size=2,
-                        eta=20.0, activation_checkpointing=checkpointing)
-    policy = _load_sharded(tiny_llama_dir, cfg, one_rank_group, trainable=True)
+                        eta=20.0, activation_checkpointing=checkpointing,
+                        reshard_after_forward=reshard)
+    cpu = torch.device("cpu")
+    policy = build_sharded(tiny_llama_dir, cfg, one_rank_group, cpu, trainable=True)
+    assert load_checkpoint(policy, tiny_llama_dir) == "sharded_read"
     ref = None
     if reference == "frozen":
-        ref = _load_sharded(tiny_llama_dir, cfg, one_rank_group, trainable=False)
-        _copy_weights(ref, policy)
+        ref = build_sharded(tiny_llama_dir, cfg, one_rank_group, cpu, trainable=False)
+        copy_weights(ref, policy)
     rows = _rows(4, seed=2, pair=selection == "pair")
     before = {k: v.full_tensor().clone() for k, v in policy.state_dict().items()}
 
@@ -270,6 +288,11 @@ def test_train_step_other_losses_and_references(one_rank_group, tiny_llama_dir, 
     with torch.no_grad():
         logps = _logps(policy, batch)
         ref_logps = _logps(ref, batch) if ref is not None else None
+    # Without backward nothing reshards the blocks this no-grad forward gathered when
+    # reshard_after_forward is off (the trainer never runs the policy so); reshard them.
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     pair = selection == "pair"
     want, _ = compute_loss(
         loss, policy_chosen=logps[:b],

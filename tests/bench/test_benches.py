@@ -41,9 +41,13 @@ BENCHES = {
         rf"^  batched bf16 PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
         r"^  batched PairRMEngine\(batch_size=4\): official scores == bt_scores\(logits\) within",
         r"^  bf16 vs exact: logits max \|diff\|"]),
-    "train": (("ray",), [  # 16 rows, global batch 4: 4 steps on 2 workers
-        r"^ +workers +steps +tokens +seconds +tokens/s +vs 2w$",
-        rf"^ +2 +4 +\d+ +{NUM} +{NUM} +1\.00$"]),
+    "train": (("ray",), [  # 16 rows, global batch 4: 4 steps on 2 workers, 2 micro-batchings
+        r"^ +workers +micro +steps +tokens +seconds +tokens/s +ratio$",
+        rf"^ +2 +rows:1 +4 +\d+ +{NUM} +{NUM} +1\.00$",
+        rf"^ +2 +tokens:128 +4 +\d+ +{NUM} +{NUM} +{NUM}$",
+        rf"^  2w +rows:1: load {NUM} {NUM} +round {NUM} {NUM}$",
+        rf"^  2w +tokens:128: load {NUM} {NUM} +round {NUM} {NUM}$",
+        rf"^  2w +tokens:128: load {NUM} +round {NUM}$"]),  # the plan's prediction / measured
     "pipeline": (("ray",), [  # 2 rounds: round 0 streams, round 1 runs the stages in turn
         r"^round 0 streaming : \{'round': ",
         r"^round 1 sequential: \{'generate': ",

@@ -284,6 +284,28 @@ def test_global_batch_size_divisibility(gbs, mbs, workers, ok):
         in problems(exc)["trainer.global_batch_size"]
 
 
+def test_micro_batch_tokens_must_hold_one_row_and_relaxes_the_batch_rule():
+    # A token budget packs any number of rows: the global batch need only split across ranks.
+    cfg = load("trainer.micro_batch_tokens=4096", "trainer.max_length=1024",
+               "trainer.micro_batch_size=4", "trainer.num_workers=2",
+               "trainer.global_batch_size=6")
+    assert cfg.trainer.micro_batch_tokens == 4096
+    with pytest.raises(ConfigError) as exc:
+        load("trainer.micro_batch_tokens=1500", "trainer.max_length=1024",
+             "trainer.selection=pair")
+    assert "must hold one row: >= 2 x trainer.max_length (2048) for selection 'pair'" \
+        in problems(exc)["trainer.micro_batch_tokens"]
+    assert load("trainer.micro_batch_tokens=1500", "trainer.max_length=1024",
+                "trainer.selection=all").trainer.micro_batch_tokens == 1500
+    with pytest.raises(ConfigError) as exc:
+        load("trainer.micro_batch_tokens=-1")
+    assert "trainer.micro_batch_tokens" in problems(exc)
+    with pytest.raises(ConfigError) as exc:
+        load("trainer.micro_batch_tokens=4096", "trainer.max_length=1024",
+             "trainer.num_workers=4", "trainer.global_batch_size=6")
+    assert "must be a multiple of num_workers (4)" in problems(exc)["trainer.global_batch_size"]
+
+
 def test_cross_field_checks():
     with pytest.raises(ConfigError) as exc:
         load("trainer.reference=sampled", "trainer.loss=dpo", "trainer.selection=all",

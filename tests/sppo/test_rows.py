@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sppo.records import Annotated, Generation, Prompt, TrainRow
-from sppo.rows import collate, deal_to_ranks, fit_row, micro_batches, rows_from_annotated
+from sppo.rows import (collate, deal_to_ranks, fit_row, micro_batches, padded_tokens,
+                       rows_from_annotated, token_micro_batches)
 
 
 def _annotated(win_rates, logprobs=None) -> Annotated:
@@ -78,6 +79,24 @@ def test_deal_to_ranks_gives_equal_length_sorted_lists():
     with pytest.raises(ValueError, match="evenly"):
         deal_to_ranks(rows[:5], 2)
     assert [len(m) for m in micro_batches(ranks[0], 2)] == [2, 1]
+
+
+def test_token_micro_batches_pack_longest_first_within_the_budget():
+    rows = [_row(2, n, n) for n in (1, 9, 3, 2, 7, 4, 1)]  # pairs: 2 sequences of 2 + n
+    mbs = token_micro_batches(rows, budget=24)
+    assert sorted(r.prompt_id for mb in mbs for r in mb) == sorted(r.prompt_id for r in rows)
+    for mb in mbs:
+        assert padded_tokens(mb) == len(collate(mb, 0).input_ids.flatten())
+        assert padded_tokens(mb) <= 24 or len(mb) == 1
+    # Longest first: 2 x 11 tokens alone (with the next: 2 rows x 2 x 11 = 44 > 24), 2 x 9
+    # alone, then 2 rows x 2 x 6 = 24, then 3 rows x 2 x 4 = 24.
+    assert [[len(r.chosen_ids) for r in mb] for mb in mbs] == [[9], [7], [4, 3], [2, 1, 1]]
+    assert [len(mb) for mb in token_micro_batches(rows, budget=10)] == [1] * 7  # all over
+    # Asked for more passes (another rank needs them): the largest micro-batches split.
+    assert [[len(r.chosen_ids) for r in mb] for mb in token_micro_batches(rows, 24, count=6)] \
+        == [[9], [7], [4], [3], [2], [1, 1]]
+    assert len(token_micro_batches(rows, 24, count=99)) == 7  # no more rows to split
+    assert padded_tokens([]) == 0
 
 
 def test_collate_pairs_masks_only_response_tokens_and_right_pads():

@@ -1,0 +1,218 @@
+"""The trainer's models, sharded with FSDP2 without any rank holding a full copy.
+
+    policy = build_sharded(path, cfg, mesh, device, trainable=True)   # meta -> shards
+    load_checkpoint(policy, path)                                      # each rank its slices
+    reference = build_sharded(path, cfg, mesh, device, trainable=False)
+    copy_weights(reference, policy)                                    # no second read
+
+`build_sharded` builds the model with its parameters on the meta device (buffers real), shards
+it (`fully_shard` per decoder block, then the root) and allocates only this rank's shards.
+`load_checkpoint` fills them from a safetensors checkpoint, each rank reading only its own
+slices; other checkpoints go through rank 0 (one full copy, there only). The frozen reference is
+stored in the compute dtype and filled from the policy's shards at each round's start.
+`HostMemory` measures a process's peak host memory over a span (the trainer logs it for the
+load; tests/actors/test_trainer_load.py and bench/train.py measure with it).
+
+Not here: training (`actors.trainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from sppo.config import TrainerConfig
+
+__all__ = ["compute_dtype", "build_sharded", "load_checkpoint", "copy_weights", "HostMemory"]
+
+logger = logging.getLogger("sppo.trainer")
+
+
+class HostMemory:
+    """Peak resident memory (VmHWM) of this process since construction, as an increase over
+    the resident size then. Linux only: construction resets the kernel's high-water mark
+    (`/proc/self/clear_refs`, "5"); the peak counts file pages mapped and touched (safetensors
+    reads through mmap) as well as allocations."""
+
+    def __init__(self) -> None:
+        self.reset_peak()
+        self.base = self._read("VmRSS")
+
+    @staticmethod
+    def reset_peak() -> None:
+        """Start a new span for `peak_increase` (the base stays the construction's)."""
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    @staticmethod
+    def _read(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def peak_increase(self) -> int:
+        """Bytes: the highest resident size since construction minus the size then."""
+        return self._read("VmHWM") - self.base
+
+
+def compute_dtype(cfg: TrainerConfig) -> torch.dtype:
+    """bf16 when `mixed_precision` is bf16, or auto on GPU; float32 otherwise."""
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and cfg.use_gpu)
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _shard(model: torch.nn.Module, mesh, mp_policy, *, trainable: bool,
+           reshard_blocks: bool = True) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy,
+                        reshard_after_forward=reshard_blocks)
+    # The root keeps its parameters gathered from forward to backward; a forward-only model
+    # has no backward to reshard them, so it must reshard right after forward.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=not trainable)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device and their buffers real.
+
+    Non-persistent buffers (rotary `inv_freq`) are computed in `__init__` and are not in
+    checkpoints, so they must be built for real; parameters are filled from the checkpoint
+    later. A parameter already on meta is registered as is, so `tie_weights` keeps the tie
+    (checked by tests/actors/test_trainer_load.py with a tied model).
+    """
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_sharded(model_path: str, cfg: TrainerConfig, mesh, device: torch.device, *,
+                   trainable: bool) -> torch.nn.Module:
+    """The model sharded on `mesh` with no rank ever holding it whole: built with parameters
+    on the meta device, sharded by FSDP2 (`fully_shard` per decoder block, then the root),
+    then each rank allocates only its shards (`to_empty`). Parameters are left uninitialised
+    (fill them with `load_checkpoint` or `copy_weights`); buffers are computed.
+
+    The policy keeps float32 master weights (bf16 compute through `MixedPrecisionPolicy` when
+    `_compute_dtype` is bf16); the frozen reference is stored in the compute dtype itself.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    compute = compute_dtype(cfg)
+    dtype = torch.float32 if trainable else compute
+    config = AutoConfig.from_pretrained(model_path)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if trainable and compute == torch.bfloat16 else MixedPrecisionPolicy())
+    if trainable and cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+        model.eval()
+    _shard(model, mesh, mp, trainable=trainable,
+           reshard_blocks=cfg.reshard_after_forward if trainable else True)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)  # allocates this rank's shards (and empty buffers)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return model
+
+
+def _checkpoint_dir(model_path: str) -> str:
+    """A local directory holding `model_path`'s files: the path itself, or the hub's local
+    snapshot (downloaded once per node; not run here, this machine has no hub)."""
+    if os.path.isdir(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors"])
+
+
+@torch.no_grad()
+def load_checkpoint(model: torch.nn.Module, model_path: str, *,
+                     sharded_read: bool = True) -> str:
+    """Fill a `build_sharded` model from the checkpoint at `model_path`; collective.
+
+    Safetensors checkpoints whose names match the model's: every rank reads only the slices
+    of its own shards (torch.distributed.checkpoint's `HuggingFaceStorageReader`, which reads
+    `get_slice(...)[rows]` from each file and casts into the shard), so no rank ever holds the
+    full model. Anything else (a `.bin` checkpoint, renamed keys): rank 0 loads the full model
+    on CPU and broadcasts it, each rank keeping its shard (`set_model_state_dict(...,
+    full_state_dict=True, broadcast_from_rank0=True)`): one full copy, on rank 0 only.
+    Parameters tied to another one (a tied `lm_head`) are filled through it. Returns the way
+    it loaded: "sharded_read" or "broadcast_from_rank0".
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+
+    state = get_model_state_dict(model)
+    tied = _tied_names(model)
+    local = _checkpoint_dir(model_path)
+    if sharded_read and any(f.endswith(".safetensors") for f in os.listdir(local)):
+        reader = dcp.HuggingFaceStorageReader(local)
+        stored = set(reader.read_metadata().state_dict_metadata)
+        missing = [k for k in state if k not in stored and k not in tied]
+        if not missing:
+            dcp.load({k: v for k, v in state.items() if k in stored},
+                     storage_reader=dcp.HuggingFaceStorageReader(local))
+            return "sharded_read"
+        logger.warning("%s: %d parameters not found by name in the safetensors files (%s...): "
+                       "rank 0 loads and broadcasts instead", model_path, len(missing),
+                       missing[0])
+    full: dict[str, torch.Tensor] = {}
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).state_dict()
+    set_model_state_dict(model, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    return "broadcast_from_rank0"
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier-named one."""
+    seen: set[int] = set()
+    out = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            out.add(name)
+        seen.add(id(p))
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Copy `src`'s shards into identically sharded `dst` (no communication)."""
+    for (name_d, p_d), (name_s, p_s) in zip(dst.named_parameters(), src.named_parameters(),
+                                            strict=True):
+        if name_d != name_s:
+            raise RuntimeError(f"reference and policy differ: {name_d} vs {name_s}")
+        _local(p_d).copy_(_local(p_s))
