@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,35 +32,45 @@ from sppo.config import TrainerConfig
 __all__ = ["compute_dtype", "build_sharded", "load_checkpoint", "copy_weights", "HostMemory"]
 
 logger = logging.getLogger("sppo.trainer")
+_META_LOCK = threading.Lock()
 
 
 class HostMemory:
     """Peak resident memory (VmHWM) of this process since construction, as an increase over
-    the resident size then. Linux only: construction resets the kernel's high-water mark
+    the resident size then. Linux: construction resets the kernel's high-water mark
     (`/proc/self/clear_refs`, "5"); the peak counts file pages mapped and touched (safetensors
-    reads through mmap) as well as allocations."""
+    reads through mmap) as well as allocations. Elsewhere the figures are None."""
 
     def __init__(self) -> None:
-        self.reset_peak()
         self.base = self._read("VmRSS")
+        self.reset_peak()
 
-    @staticmethod
-    def reset_peak() -> None:
+    def reset_peak(self) -> None:
         """Start a new span for `peak_increase` (the base stays the construction's)."""
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        if self.base is None:
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:  # not Linux, or a sandbox without it: no figure, never a failure
+            self.base = None
 
     @staticmethod
-    def _read(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
+    def _read(field: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
 
-    def peak_increase(self) -> int:
-        """Bytes: the highest resident size since construction minus the size then."""
-        return self._read("VmHWM") - self.base
+    def peak_increase(self) -> Optional[int]:
+        """Bytes: the highest resident size since construction minus the size then (None
+        where the kernel does not tell it)."""
+        peak = self._read("VmHWM")
+        return None if peak is None or self.base is None else peak - self.base
 
 
 def compute_dtype(cfg: TrainerConfig) -> torch.dtype:
@@ -91,19 +103,20 @@ def _parameters_on_meta():
     later. A parameter already on meta is registered as is, so `tie_weights` keeps the tie
     (checked by tests/actors/test_trainer_load.py with a tied model).
     """
-    register = torch.nn.Module.register_parameter
+    with _META_LOCK:  # one build at a time: the patch is process-wide
+        register = torch.nn.Module.register_parameter
 
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(
-                param.to("meta"), requires_grad=param.requires_grad)
+        def on_meta(module, name, param):
+            register(module, name, param)
+            if param is not None and param.device.type != "meta":
+                module._parameters[name] = torch.nn.Parameter(
+                    param.to("meta"), requires_grad=param.requires_grad)
 
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
+        torch.nn.Module.register_parameter = on_meta
+        try:
+            yield
+        finally:
+            torch.nn.Module.register_parameter = register
 
 
 def build_sharded(model_path: str, cfg: TrainerConfig, mesh, device: torch.device, *,
@@ -143,27 +156,59 @@ def build_sharded(model_path: str, cfg: TrainerConfig, mesh, device: torch.devic
 
 def _checkpoint_dir(model_path: str) -> str:
     """A local directory holding `model_path`'s files: the path itself, or the hub's local
-    snapshot (downloaded once per node; not run here, this machine has no hub)."""
+    snapshot of its config and weights: `model*.safetensors` (the transformers names, not a
+    repo's other formats such as a `consolidated.safetensors`), or `*.bin` when it has no
+    safetensors. Downloaded once per node; not run here (this machine has no hub)."""
     if os.path.isdir(model_path):
         return model_path
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors"])
+    local = snapshot_download(model_path, allow_patterns=["*.json", "model*.safetensors"])
+    if not any(f.endswith(".safetensors") for f in os.listdir(local)):
+        local = snapshot_download(model_path, allow_patterns=["*.json", "*.bin"])
+    return local
+
+
+def _sharded_read_plan(model_path: str, wanted: list[str], tied: set[str]) -> Optional[str]:
+    """Why the slices cannot be read straight from `model_path`'s safetensors files (None:
+    they can). Raises for a quantised checkpoint, which only transformers' quantizers read."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    local = _checkpoint_dir(model_path)
+    config = json.loads(open(os.path.join(local, "config.json")).read())
+    if config.get("quantization_config"):
+        raise ValueError(f"{model_path}: a quantised checkpoint "
+                         f"({config['quantization_config'].get('quant_method', '?')}); the "
+                         "trainer needs full-precision weights (bf16, fp16 or fp32)")
+    if not any(f.endswith(".safetensors") for f in os.listdir(local)):
+        return "no safetensors files"
+    meta = dcp.HuggingFaceStorageReader(local).read_metadata().state_dict_metadata
+    missing = [k for k in wanted if k not in meta and k not in tied]
+    if missing:
+        return f"{len(missing)} parameters not found by name ({missing[0]}, ...)"
+    odd = [k for k in wanted if k in meta and meta[k].properties.dtype
+           not in (torch.float32, torch.bfloat16, torch.float16)]
+    if odd:
+        return f"{odd[0]} is stored as {meta[odd[0]].properties.dtype}"
+    return None
 
 
 @torch.no_grad()
 def load_checkpoint(model: torch.nn.Module, model_path: str, *,
-                     sharded_read: bool = True) -> str:
+                    sharded_read: bool = True) -> str:
     """Fill a `build_sharded` model from the checkpoint at `model_path`; collective.
 
     Safetensors checkpoints whose names match the model's: every rank reads only the slices
     of its own shards (torch.distributed.checkpoint's `HuggingFaceStorageReader`, which reads
     `get_slice(...)[rows]` from each file and casts into the shard), so no rank ever holds the
-    full model. Anything else (a `.bin` checkpoint, renamed keys): rank 0 loads the full model
-    on CPU and broadcasts it, each rank keeping its shard (`set_model_state_dict(...,
-    full_state_dict=True, broadcast_from_rank0=True)`): one full copy, on rank 0 only.
-    Parameters tied to another one (a tied `lm_head`) are filled through it. Returns the way
-    it loaded: "sharded_read" or "broadcast_from_rank0".
+    full model. Anything else (a `.bin` checkpoint, renamed keys, an unusual dtype): rank 0
+    loads the full model on CPU and broadcasts it, each rank keeping its shard
+    (`set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`): one full
+    copy, on rank 0 only. Rank 0 decides which, for all ranks. Parameters tied to another one
+    (a tied `lm_head`) are filled through it. Quantised checkpoints are refused. Returns the
+    way it loaded: "sharded_read" or "broadcast_from_rank0".
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -171,18 +216,25 @@ def load_checkpoint(model: torch.nn.Module, model_path: str, *,
 
     state = get_model_state_dict(model)
     tied = _tied_names(model)
+    wanted = [k for k in state if k not in tied]
+    decision: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            why = _sharded_read_plan(model_path, wanted, tied) if sharded_read \
+                else "asked for the broadcast"
+            decision = [("broadcast", why) if why else ("sharded_read", None)]
+        except Exception as exc:  # every rank raises it, not rank 0 alone
+            decision = [("error", f"{type(exc).__name__}: {exc}")]
+    dist.broadcast_object_list(decision, src=0)
+    how, why = decision[0]
+    if how == "error":
+        raise RuntimeError(f"cannot load {model_path}: {why}")
     local = _checkpoint_dir(model_path)
-    if sharded_read and any(f.endswith(".safetensors") for f in os.listdir(local)):
-        reader = dcp.HuggingFaceStorageReader(local)
-        stored = set(reader.read_metadata().state_dict_metadata)
-        missing = [k for k in state if k not in stored and k not in tied]
-        if not missing:
-            dcp.load({k: v for k, v in state.items() if k in stored},
-                     storage_reader=dcp.HuggingFaceStorageReader(local))
-            return "sharded_read"
-        logger.warning("%s: %d parameters not found by name in the safetensors files (%s...): "
-                       "rank 0 loads and broadcasts instead", model_path, len(missing),
-                       missing[0])
+    if how == "sharded_read":
+        dcp.load({k: state[k] for k in wanted}, storage_reader=dcp.HuggingFaceStorageReader(local))
+        return "sharded_read"
+    if sharded_read:
+        logger.warning("%s: %s: rank 0 loads the model and broadcasts it", model_path, why)
     full: dict[str, torch.Tensor] = {}
     if dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
@@ -210,9 +262,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Copy `src`'s shards into identically sharded `dst` (no communication)."""
-    for (name_d, p_d), (name_s, p_s) in zip(dst.named_parameters(), src.named_parameters(),
-                                            strict=True):
+    """Copy `src`'s parameter shards and buffers into identically sharded `dst` (no
+    communication); buffers too, since a checkpoint's persistent buffers (a router's bias)
+    reach the policy only."""
+    for (name_d, p_d), (name_s, p_s) in zip(
+            [*dst.named_parameters(), *dst.named_buffers()],
+            [*src.named_parameters(), *src.named_buffers()], strict=True):
         if name_d != name_s:
             raise RuntimeError(f"reference and policy differ: {name_d} vs {name_s}")
         _local(p_d).copy_(_local(p_s))

@@ -119,20 +119,21 @@ def plan_micro_batches(rows, cfg: TrainerConfig, device: torch.device) -> list[l
     run the same number of forward/backward passes (each pass all-gathers and reduce-scatters
     with the others), so the ranks agree on the largest count and a rank with fewer splits its
     largest micro-batches up to it. The stream deals every rank the same number of rows, so
-    that is always possible.
+    that is always possible (and checked, on all ranks at once).
     """
     if cfg.micro_batch_tokens > 0:
         mbs = token_micro_batches(rows, cfg.micro_batch_tokens)
     else:
         mbs = micro_batches(rows, cfg.micro_batch_size)
-    count = torch.tensor([len(mbs)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    n = int(count.item())
-    if n > len(mbs):
-        mbs = token_micro_batches(rows, cfg.micro_batch_tokens or 1, count=n)
-    if len(mbs) != n:
-        raise RuntimeError(f"this rank's {len(rows)} rows cannot make the {n} micro-batches "
-                           f"another rank needs: ranks were dealt different numbers of rows")
+    # One all-reduce: the largest pass count, and the most and fewest rows of any rank.
+    stats = torch.tensor([len(mbs), len(rows), -len(rows)], device=device)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    n, most, fewest = int(stats[0]), int(stats[1]), -int(stats[2])
+    if most != fewest:  # raised on every rank together: none is left in a collective
+        raise RuntimeError(f"ranks were dealt {fewest} to {most} rows for one step; the "
+                           "stream deals each the same number")
+    if n > len(mbs):  # token budgets only: equal rows make equal fixed-size counts
+        mbs = token_micro_batches(rows, cfg.micro_batch_tokens, count=n)
     return mbs
 
 
@@ -220,8 +221,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reference = build_sharded(model_path, cfg, mesh, device, trainable=False) \
         if cfg.reference == "frozen" else None
     load_peak = memory.peak_increase()
-    logger.info("rank %d: model loaded (%s) in %.1f s, host memory peak +%.2f GiB; reference %s",
-                rank, how, time.perf_counter() - start, load_peak / 2**30,
+    logger.info("rank %d: model loaded (%s) in %.1f s, host memory peak +%s GiB; reference %s",
+                rank, how, time.perf_counter() - start,
+                "?" if load_peak is None else f"{load_peak / 2**30:.2f}",
                 "none (sampled)" if reference is None else f"in {compute_dtype(cfg)}")
 
     next_round, resumed = 0, None
@@ -268,7 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream, rank: int,
                  generation: int, pad_id: int, device: torch.device,
-                 memory: HostMemory, load_peak: int) -> dict[str, Any]:
+                 memory: HostMemory, load_peak: Optional[int]) -> dict[str, Any]:
     import ray
 
     t = spec.round_index
@@ -313,8 +315,8 @@ def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream,
     return report
 
 
-def _memory_report(memory: HostMemory, load_peak: int,
-                   device: torch.device) -> dict[str, list[int]]:
+def _memory_report(memory: HostMemory, load_peak: Optional[int],
+                   device: torch.device) -> dict[str, list[Optional[int]]]:
     """Collective: every rank's peak host memory over its load and over this round (bytes,
     above the process's resident size before the load), and on GPU its peak of allocated
     device memory in the round; lists in rank order."""

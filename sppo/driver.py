@@ -191,6 +191,9 @@ def check_memory(cfg: Config, nodes: list[dict]) -> list[str]:
     except ModelConfigError as exc:
         log.warning("memory plan skipped: %s", exc)
         return []
+    except Exception as exc:  # an estimate must not stop a run it cannot size
+        log.warning("memory plan skipped: %s: %s", type(exc).__name__, exc)
+        return []
     log.info("memory plan:\n%s", plan.format())
     if unknown:
         log.warning("GPU memory unknown for %s: not checked; set run.gpu_memory_gb to check it",

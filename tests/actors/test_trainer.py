@@ -262,6 +262,24 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
+def test_a_quantised_checkpoint_is_refused_by_name(one_rank_group, tiny_llama_dir, tmp_path):
+    """Its weights would load by name and shape, unscaled: refused before any read."""
+    import json
+    import shutil
+
+    from actors.sharded_model import build_sharded, load_checkpoint
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "fp8")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    cfg = TrainerConfig(num_workers=1)
+    policy = build_sharded(str(tmp_path / "fp8"), cfg, one_rank_group, torch.device("cpu"),
+                           trainable=True)
+    with pytest.raises(RuntimeError, match=r"a quantised checkpoint \(fp8\)"):
+        load_checkpoint(policy, str(tmp_path / "fp8"))
+
+
 @pytest.mark.parametrize("loss, selection, reference, checkpointing, reshard", [
     ("sppo", "all", "sampled", False, True), ("sppo_hard", "pair", "frozen", False, False),
     ("dpo", "pair", "sampled", False, True), ("ipo", "pair", "frozen", True, True)])
