@@ -169,14 +169,14 @@ def _checkpoint_dir(model_path: str) -> str:
     return local
 
 
-def _sharded_read_plan(model_path: str, wanted: list[str], tied: set[str]) -> Optional[str]:
-    """Why the slices cannot be read straight from `model_path`'s safetensors files (None:
+def _sharded_read_plan(model_path: str, local: str, wanted: list[str],
+                       tied: set[str]) -> Optional[str]:
+    """Why the slices cannot be read straight from the safetensors files in `local` (None:
     they can). Raises for a quantised checkpoint, which only transformers' quantizers read."""
     import json
 
     import torch.distributed.checkpoint as dcp
 
-    local = _checkpoint_dir(model_path)
     config = json.loads(open(os.path.join(local, "config.json")).read())
     if config.get("quantization_config"):
         raise ValueError(f"{model_path}: a quantised checkpoint "
@@ -217,10 +217,11 @@ def load_checkpoint(model: torch.nn.Module, model_path: str, *,
     state = get_model_state_dict(model)
     tied = _tied_names(model)
     wanted = [k for k in state if k not in tied]
+    local = _checkpoint_dir(model_path)
     decision: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            why = _sharded_read_plan(model_path, wanted, tied) if sharded_read \
+            why = _sharded_read_plan(model_path, local, wanted, tied) if sharded_read \
                 else "asked for the broadcast"
             decision = [("broadcast", why) if why else ("sharded_read", None)]
         except Exception as exc:  # every rank raises it, not rank 0 alone
@@ -229,7 +230,6 @@ def load_checkpoint(model: torch.nn.Module, model_path: str, *,
     how, why = decision[0]
     if how == "error":
         raise RuntimeError(f"cannot load {model_path}: {why}")
-    local = _checkpoint_dir(model_path)
     if how == "sharded_read":
         dcp.load({k: state[k] for k in wanted}, storage_reader=dcp.HuggingFaceStorageReader(local))
         return "sharded_read"

@@ -118,14 +118,17 @@ def micro_batches(rows: Sequence[TrainRow], size: int) -> list[list[TrainRow]]:
     return [list(rows[i:i + size]) for i in range(0, len(rows), size)]
 
 
+def _longest_sequence(row: TrainRow) -> int:
+    """Tokens of the row's longer sequence: its prompt + its longer response."""
+    return len(row.prompt_ids) + max(len(row.chosen_ids), len(row.rejected_ids))
+
+
 def padded_tokens(rows: Sequence[TrainRow]) -> int:
     """Tokens `collate(rows)` pads to: sequences (2 per pair row) x the longest sequence."""
     if not rows:
         return 0
     seqs = 2 if rows[0].is_pair else 1
-    longest = max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids))
-                  for r in rows)
-    return seqs * len(rows) * longest
+    return seqs * len(rows) * max(_longest_sequence(r) for r in rows)
 
 
 def token_micro_batches(rows: Sequence[TrainRow], budget: int,
@@ -138,22 +141,19 @@ def token_micro_batches(rows: Sequence[TrainRow], budget: int,
     `count` > the packing's length splits the largest micro-batches (by padded tokens) in
     halves until there are `count`, as far as rows allow: FSDP ranks must run the same
     number of forward passes per step, so every rank packs, agrees on the largest count,
-    and splits up to it (see `actors.trainer.train_step`).
+    and splits up to it (see `actors.trainer.plan_micro_batches`).
     """
-    ordered = sorted(rows, key=lambda r: -(len(r.prompt_ids)
-                                           + max(len(r.chosen_ids), len(r.rejected_ids))))
+    ordered = sorted(rows, key=_longest_sequence, reverse=True)
     out: list[list[TrainRow]] = []
     for row in ordered:
         if out and padded_tokens(out[-1] + [row]) <= budget:
             out[-1].append(row)
         else:
             out.append([row])
-    while len(out) < count:
-        splittable = [mb for mb in out if len(mb) > 1]
-        if not splittable:
-            break
-        big = max(splittable, key=padded_tokens)
-        i = out.index(big)
+    while len(out) < count and any(len(mb) > 1 for mb in out):
+        i = max((j for j in range(len(out)) if len(out[j]) > 1),
+                key=lambda j: padded_tokens(out[j]))
+        big = out[i]
         out[i:i + 1] = [big[:len(big) // 2], big[len(big) // 2:]]
     return out
 
