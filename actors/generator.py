@@ -43,11 +43,12 @@ from ray.exceptions import RayActorError
 from actors.engines.generation import GenerationEngine, Record
 from actors.engines.vllm_engine import EngineDead
 from actors.batched_pool import BatchedPool
+from actors.factory import ActorFactory
 from actors.pool import ActorPool, NeedsPrepare
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
-from sppo.records import Failed, Prompt
+from sppo.records import Prompt
 
-__all__ = ["Generator", "WeightsUnavailable", "GeneratorFactory", "make_generator_factory",
+__all__ = ["Generator", "WeightsUnavailable", "make_generator_factory",
            "GeneratorPool"]
 
 log = logging.getLogger(__name__)
@@ -235,60 +236,8 @@ class Generator:
         return self._engine.state_dict_numpy()
 
 
-class GeneratorFactory:
-    """`factory()` starts one `Generator` actor. With vLLM and tensor_parallel_size > 1 each
-    actor gets its own placement group (one bundle per TP rank), kept here so that
-    `release()` can remove them when the pool shuts down. `max_concurrency` > 1 makes the
-    actor threaded (vLLM: concurrent calls share the engine's batch)."""
-
-    def __init__(self, build_engine: Callable[[], GenerationEngine], pool: PoolConfig,
-                 tensor_parallel: bool, max_concurrency: int = 1):
-        self._build_engine = build_engine
-        self._pool = pool
-        self._tensor_parallel = tensor_parallel
-        self._max_concurrency = max_concurrency
-        self._placement_groups: list = []
-
-    def __call__(self) -> ActorHandle:
-        from cluster.placement import actor_options
-
-        p = self._pool
-        # On `role: generator` nodes of a role-labelled cluster, anywhere otherwise.
-        options: dict[str, Any] = actor_options("generator", p.num_cpus, p.num_gpus)
-        options.update(max_restarts=p.max_restarts, max_task_retries=0)
-        if self._max_concurrency > 1:
-            options["max_concurrency"] = self._max_concurrency
-        if self._tensor_parallel:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            # One bundle per TP rank, the actor in the first. On GPUs vLLM starts one Ray
-            # worker per GPU bundle inside this group (the actor captures its child tasks);
-            # on CPU (vLLM's multiprocessing executor) the bundles reserve each rank's CPUs
-            # for the worker processes the actor starts. The group, not the actor, carries
-            # the placement.
-            unit = {"GPU": 1.0} if p.num_gpus > 0 else {"CPU": p.num_cpus}
-            bundles = [{**unit, "CPU": p.num_cpus}] + [unit] * (p.tensor_parallel_size - 1)
-            selector = options.pop("label_selector", None)
-            pg = placement_group(bundles, strategy="PACK", **(
-                {"bundle_label_selector": [selector] * len(bundles)} if selector else {}))
-            self._placement_groups.append(pg)
-            options.update(num_cpus=0, num_gpus=0,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               placement_group=pg, placement_group_bundle_index=0,
-                               placement_group_capture_child_tasks=True))
-        return ray.remote(Generator).options(**options).remote(self._build_engine)
-
-    def release(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
-        for pg in self._placement_groups:
-            remove_placement_group(pg)
-        self._placement_groups.clear()
-
-
 def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: GeneratorConfig,
-                           pool: PoolConfig, *, dtype: str = "float32") -> GeneratorFactory:
+                           pool: PoolConfig, *, dtype: str = "float32") -> ActorFactory:
     """A zero-argument callable that starts one generator actor per call.
 
     `model_path` is a model directory every node can read (resolve `builtin:` names first);
@@ -306,8 +255,9 @@ def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: Gener
             gpu_memory_utilization=gen.gpu_memory_utilization, kv_cache_gb=gen.kv_cache_gb,
             enforce_eager=gen.enforce_eager, max_model_len=gen.max_model_len)
         # Room for the pool's in-flight batches plus chats, weight calls and status reads.
-        return GeneratorFactory(build, pool, tensor_parallel=pool.tensor_parallel_size > 1,
-                                max_concurrency=pool.max_in_flight + 4)
+        return ActorFactory(Generator, "generator", pool, (build,),
+                            tensor_parallel=pool.tensor_parallel_size > 1,
+                            max_concurrency=pool.max_in_flight + 4)
     if pool.tensor_parallel_size > 1:
         raise ValueError("pools.generator.tensor_parallel_size > 1 needs generator.backend "
                          f"'vllm' (got {gen.backend!r})")
@@ -315,7 +265,7 @@ def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: Gener
 
     build = functools.partial(HFGenerationEngine, model_path, **common,
                               device="cuda" if pool.num_gpus > 0 else "cpu")
-    return GeneratorFactory(build, pool, tensor_parallel=False)
+    return ActorFactory(Generator, "generator", pool, (build,))
 
 
 class GeneratorPool(BatchedPool):

@@ -3,13 +3,20 @@
 - `annotate(engine, generations, preference)`: the judge's work, usable without Ray. Per prompt
   the engine gives the (K, K) logits `l_ij` ("response i beats j, i shown first"), then
   `sppo.preference` turns them into P and win rates. Logits that are NaN or infinite become a
-  `Failed` record naming the entries, never an `Annotated` one. If the engine raises on a
-  batch, the prompts are retried one by one so that only the offending ones fail.
+  `Failed` record naming the entries, never an `Annotated` one; an engine may also give a
+  prompt a reason (`str`) instead of its matrix (the LLM judge: no verdict label among the top
+  log-probs, a prompt over its context), which becomes that prompt's `Failed` record. If the
+  engine raises on a batch, the prompts are retried one by one so that only the offending ones
+  fail; a dead vLLM engine (`EngineDead`) is not the prompts' fault and is raised instead.
 - `Judge`: a thin Ray actor around one engine: `judge(generations)` and, for evaluation and
-  tests, `compare(prompts, a_texts, b_texts)` (raw logits that a beats b, a shown first).
+  tests, `compare(prompts, a_texts, b_texts)` (raw logits that a beats b, a shown first) and
+  `counters()` (the engine's, e.g. the LLM judge's truncated responses). An LLM judge whose
+  vLLM engine core died ends its process so that Ray restarts it with a new engine.
 - `make_engine_factory` / `make_judge_factory`: the only place where `judge.backend` picks an
-  engine class (`PairRMEngine`, `RewardModelEngine`, `PythonJudgeEngine`); actor resources
-  come from `pools.judge` through `.options()`.
+  engine class (`PairRMEngine`, `RewardModelEngine`, `LLMJudgeEngine`, `PythonJudgeEngine`);
+  actor resources come from `pools.judge` through `.options()`. An LLM judge is a threaded
+  actor (its vLLM engine batches concurrent calls) and, with `tensor_parallel_size` > 1, gets
+  a placement group with one bundle per rank, as the vLLM generators do.
 - `JudgePool`: the generic `ActorPool` with generations in and one record per prompt out,
   sized and resized independently of the generators.
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
@@ -28,6 +36,8 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.batched_pool import BatchedPool
+from actors.factory import ActorFactory
+from actors.engines.vllm_engine import EngineDead
 from actors.pool import ActorPool
 from sppo.config import JudgeConfig, PoolConfig
 from sppo.preference import check_finite, preference_matrix, win_rates
@@ -44,9 +54,11 @@ Record = Union[Annotated, Failed]
 class PreferenceEngine(Protocol):
     """What every judge backend provides (plain classes in `actors/engines/`)."""
 
-    def logits(self, prompts: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+    def logits(self, prompts: list[str], candidates: list[list[str]]
+               ) -> list[Union[np.ndarray, str]]:
         """Per prompt a (K, K) matrix, [i, j] = logit that candidate i beats j (i shown
-        first); the diagonal is not evaluated."""
+        first); the diagonal is not evaluated. An engine may put a `str` in place of a
+        prompt's matrix: the reason that prompt could not be judged."""
 
     def pair_logits(self, prompts: list[str], a: list[str], b: list[str]) -> np.ndarray:
         """(N,) logits that a[n] beats b[n] for prompts[n], a shown first."""
@@ -79,6 +91,8 @@ def annotate(engine: PreferenceEngine, generations: Sequence[Generation],
     try:
         mats: list[Any] = engine.logits([_judge_text(generations[n]) for n in todo],
                                         [list(generations[n].texts) for n in todo])
+    except EngineDead:
+        raise
     except Exception:
         log.warning("judge engine failed on a batch of %d; retrying prompt by prompt",
                     len(todo), exc_info=True)
@@ -87,6 +101,8 @@ def annotate(engine: PreferenceEngine, generations: Sequence[Generation],
             g = generations[n]
             try:
                 mats.append(engine.logits([_judge_text(g)], [list(g.texts)])[0])
+            except EngineDead:
+                raise
             except Exception as exc:
                 mats.append(f"{type(exc).__name__}: {exc}")
     for n, m in zip(todo, mats):
@@ -105,15 +121,26 @@ class Judge:
 
     def judge(self, generations: list[Generation]) -> list[Record]:
         """One `Annotated` or `Failed` per generation, in order."""
-        return annotate(self._engine, generations, self._preference)
+        try:
+            return annotate(self._engine, generations, self._preference)
+        except EngineDead as exc:
+            # The batch goes to another attempt like any batch of a dead actor; Ray restarts
+            # this one (max_restarts) with a new engine.
+            log.error("judge: %s; exiting so that Ray restarts this actor", exc)
+            os._exit(1)
 
     def compare(self, prompts: list[str], a_texts: list[str], b_texts: list[str]) -> list[float]:
         """Raw logits that a_texts[n] beats b_texts[n] for prompts[n], a shown first."""
         return [float(x) for x in self._engine.pair_logits(prompts, a_texts, b_texts)]
 
+    def counters(self) -> dict:
+        """The engine's counters since start ({} for engines that keep none)."""
+        counters = getattr(self._engine, "counters", None)
+        return counters() if counters is not None else {}
 
-def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None
-                        ) -> Callable[[], PreferenceEngine]:
+
+def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None,
+                        tensor_parallel_size: int = 1) -> Callable[[], PreferenceEngine]:
     """A picklable zero-argument callable building the engine `cfg.backend` names."""
     if cfg.backend == "pairrm":
         from actors.engines.pairrm import PairRMEngine
@@ -129,31 +156,42 @@ def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None
             RewardModelEngine, cfg.model_path, batch_size=cfg.batch_size,
             source_max_length=cfg.source_max_length,
             candidate_max_length=cfg.candidate_max_length, dtype=cfg.dtype, device=device)
+    if cfg.backend == "llm":
+        from actors.engines.llm_judge import LLMJudgeEngine  # does not import vllm
+        from sppo.tiny import resolve_model_path
+
+        # `builtin:tiny-llama` (the demo's tiny judge) is built here, in the driver's cache,
+        # as the policy's is; other paths pass through.
+        return functools.partial(
+            LLMJudgeEngine, resolve_model_path(cfg.model_path or ""), template=cfg.template,
+            label_a=cfg.label_a, label_b=cfg.label_b, max_response_tokens=cfg.max_response_tokens,
+            top_logprobs=cfg.top_logprobs, dtype=cfg.dtype,
+            use_gpu=(device or "cpu").startswith("cuda"),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+            enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len)
+    if tensor_parallel_size > 1:
+        raise ValueError(f"pools.judge.tensor_parallel_size > 1 needs judge.backend 'llm' "
+                         f"(got {cfg.backend!r})")
     if cfg.backend == "python":
         from actors.engines.python_judge import PythonJudgeEngine
 
         return functools.partial(PythonJudgeEngine, cfg.function, returns=cfg.function_returns)
-    raise ValueError(f"judge.backend must be 'pairrm', 'reward_model' or 'python', "
+    raise ValueError(f"judge.backend must be 'pairrm', 'reward_model', 'llm' or 'python', "
                      f"got {cfg.backend!r}")
 
 
-def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig) -> Callable[[], ActorHandle]:
-    """A zero-argument callable that starts one `Judge` actor per call, with `pools.judge`'s
-    resources; the engine runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
-    from cluster.placement import actor_options
-
-    build = make_engine_factory(cfg, device="cuda" if pool.num_gpus > 0 else "cpu")
-    actor_cls = ray.remote(Judge)
-
-    def factory() -> ActorHandle:
-        # On `role: judge` nodes of a role-labelled cluster (looked up per actor: nodes join
-        # and leave), anywhere otherwise. Retries are the pool's job (it re-dispatches a dead
-        # actor's batch): max_task_retries=0.
-        options = actor_options("judge", pool.num_cpus, pool.num_gpus)
-        return actor_cls.options(**options, max_restarts=pool.max_restarts,
-                                 max_task_retries=0).remote(build, cfg.preference)
-
-    return factory
+def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig) -> ActorFactory:
+    """A callable that starts one `Judge` actor per call, with `pools.judge`'s resources; the
+    engine runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
+    build = make_engine_factory(cfg, device="cuda" if pool.num_gpus > 0 else "cpu",
+                                tensor_parallel_size=pool.tensor_parallel_size)
+    if cfg.backend == "llm":
+        # Room for the pool's in-flight batches plus compare and counters calls.
+        return ActorFactory(Judge, "judge", pool, (build, cfg.preference),
+                            max_concurrency=pool.max_in_flight + 2,
+                            tensor_parallel=pool.tensor_parallel_size > 1)
+    return ActorFactory(Judge, "judge", pool, (build, cfg.preference))
 
 
 class JudgePool(BatchedPool):
@@ -171,3 +209,27 @@ class JudgePool(BatchedPool):
     @staticmethod
     def _item_id(generation: Generation) -> str:
         return generation.prompt.id
+
+    def counters(self, timeout_s: float = 30.0) -> dict:
+        """The judges' engine counters added up over the live actors (each since that actor
+        started; numbers only, nested dicts added key by key); an actor that does not answer
+        within `timeout_s` is left out and counted in `unanswered`."""
+        total: dict = {}
+        refs = [a.counters.remote() for a in self.actors()]
+        ready, missing = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                _add_into(total, ray.get(ref))
+            except ray.exceptions.RayError:
+                missing.append(ref)
+        if missing:
+            total["unanswered"] = len(missing)
+        return total
+
+
+def _add_into(total: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        if isinstance(v, dict):
+            _add_into(total.setdefault(k, {}), v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            total[k] = total.get(k, 0) + v

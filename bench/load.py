@@ -18,6 +18,10 @@ ids that came back twice or from outside the round), wall time, and the driver's
   (includes Ray's C++ core worker and mapped object-store pages, so it is noisier);
 - ru_maxrss before and after (the process's lifetime high-water mark).
 And one `Generation` record's traced size, so the peak can be read as "records held".
+Each round is journaled as the driver journals it (`sppo.journal`, chunks of 64 prompts, in a
+temporary directory removed at the end), so the peaks include the journal's chunk; `journal_s`
+is the driver's time in the journal and `journal_share_of_round` the part of it spent on the
+pipeline's thread as a share of the round's wall time.
 
     .venv/bin/python bench/load.py [--prompts 2000] [--small 1000] [--replicas 3] [--batch 64]
                                    [--sink stream|count]
@@ -30,9 +34,11 @@ import argparse
 import os
 import pickle
 import resource
+import shutil
 import sys
 import tempfile
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -45,6 +51,7 @@ from actors.generator import GeneratorPool, make_generator_factory  # noqa: E402
 from actors.judge import JudgePool, make_judge_factory  # noqa: E402
 from actors.stream import RoundResult, create_stream  # noqa: E402
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig  # noqa: E402
+from sppo.journal import JournalWriter  # noqa: E402
 from sppo.pipeline import RoundPipeline  # noqa: E402
 from sppo.records import Generation  # noqa: E402
 from sppo.rows import rows_from_annotated  # noqa: E402
@@ -125,13 +132,27 @@ def one_round(gens, judges, prompts, args, t: int, stream=None) -> dict:
         def sink(rows):
             sink_rows[0] += len(rows)
 
+    # Journaled as the driver journals a round (sppo.journal): its chunk is part of the peak.
+    writer = JournalWriter(Path(args.journal_dir) / f"round-{t}", round=t, judge="python",
+                           meta={}, prompts={p.id: p for p in prompts}, chunk_prompts=64)
+    journal_s = [0.0]  # the driver's time in the journal: records to Arrow, chunks to disk
+
+    def record(rec, rows):
+        t0 = time.perf_counter()
+        writer.record(rec, rows)
+        journal_s[0] += time.perf_counter() - t0
+
     pipe = RoundPipeline(gens, judges, sink, lambda a: rows_from_annotated(a, "pair"),
-                         generate_batch=args.batch, judge_batch=args.batch)
+                         generate_batch=args.batch, judge_batch=args.batch, record=record)
     ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.reset_peak()
     traced_start = tracemalloc.get_traced_memory()[0]
     with RssSampler() as rss:
         out = pipe.run(prompts)
+        record_s = journal_s[0]
+        t0 = time.perf_counter()
+        writer.flush()
+        journal_s[0] += time.perf_counter() - t0
     traced_peak = tracemalloc.get_traced_memory()[1] - traced_start
     ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     trained = None
@@ -148,6 +169,9 @@ def one_round(gens, judges, prompts, args, t: int, stream=None) -> dict:
             "rows_to_sink": sink_rows[0], "rows_trained": trained,
             "failed_by_reason": out.failed_by_reason(), "wall_s": round(out.wall_s, 2),
             "prompts_per_s": round(len(prompts) / out.wall_s, 1),
+            "journal_s": round(journal_s[0], 3), "journal_files": len(writer.files),
+            # Time the pipeline's thread spent journaling, as a share of the round's wall time.
+            "journal_share_of_round": round(record_s / out.wall_s, 4),
             "traced_peak_mib": round(traced_peak / MiB, 2),
             "rss_peak_growth_mib": round((rss.peak - rss.start) / MiB, 1),
             "ru_maxrss_mib": (round(ru_before / 1024, 1), round(ru_after / 1024, 1))}
@@ -166,6 +190,7 @@ def main() -> None:
     if ap.parse_known_args()[0].smoke:  # flags given explicitly still win
         ap.set_defaults(prompts=48, small=24, replicas=1, batch=8)
     args = ap.parse_args()
+    args.journal_dir = tempfile.mkdtemp(prefix="sppo-load-journal-")
 
     model_dir = str(ensure_tiny_llama(Path(tempfile.gettempdir()) / "sppo-bench-tiny"))
     from transformers import AutoTokenizer
@@ -211,6 +236,7 @@ def main() -> None:
         gens.shutdown()
         judges.shutdown()
         ray.shutdown()
+        shutil.rmtree(args.journal_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

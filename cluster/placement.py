@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sppo.config import Config
+from sppo.config import Config, PoolConfig
 
 __all__ = [
     "ROLE_LABEL",
@@ -36,6 +36,7 @@ __all__ = [
     "actor_options",
     "trainer_scaling_kwargs",
     "check_resources",
+    "actor_resources",
 ]
 
 ROLE_LABEL = "role"
@@ -108,25 +109,37 @@ class _Demand:
 
 
 def _demands(cfg: Config) -> list[_Demand]:
-    gen, judge, t = cfg.pools.generator, cfg.pools.judge, cfg.trainer
-    # vLLM with tensor parallelism: one placement group per generator with one bundle per TP
-    # rank (the actor itself holds none), see actors/generator.py: 1 GPU each on GPUs
-    # (num_gpus > 0), num_cpus each on CPU.
-    tp = gen.tensor_parallel_size
-    gen_cpus, gen_gpus, gen_notes = gen.num_cpus, gen.num_gpus, {}
-    if tp > 1 and gen.num_gpus > 0:
-        gen_gpus, gen_notes = float(tp), {"gpu_note": f" (tensor_parallel_size {tp})"}
-    elif tp > 1:
-        gen_cpus = gen.num_cpus * tp
-        gen_notes = {"cpu_note": f" (num_cpus {_num(gen.num_cpus)} x tensor_parallel_size {tp})"}
+    t = cfg.trainer
     # Ray Train's default per-worker resources: {"GPU": 1} with use_gpu, else {"CPU": 1}.
     return [
-        _Demand("generator", "pools.generator", gen.replicas, gen_cpus, gen_gpus, **gen_notes),
-        _Demand("judge", "pools.judge", judge.replicas, judge.num_cpus, judge.num_gpus),
+        _pool_demand("generator", cfg.pools.generator),
+        _pool_demand("judge", cfg.pools.judge),
         _Demand("trainer", "trainer.num_workers", t.num_workers,
                 0.0 if t.use_gpu else 1.0, 1.0 if t.use_gpu else 0.0,
                 " (trainer.use_gpu is true)" if t.use_gpu else ""),
     ]
+
+
+def _pool_demand(role: str, pool: PoolConfig) -> _Demand:
+    """One pool's actors. With tensor parallelism (vLLM generators, LLM judges) each actor gets
+    a placement group with one bundle per rank (the actor itself holds none; see
+    `actors.factory.ActorFactory`): 1 GPU per rank on GPUs (num_gpus > 0), plus num_cpus in
+    the first bundle; num_cpus per rank on CPU."""
+    tp, field = pool.tensor_parallel_size, f"pools.{role}"
+    if tp > 1 and pool.num_gpus > 0:
+        return _Demand(role, field, pool.replicas, pool.num_cpus, float(tp),
+                       gpu_note=f" (tensor_parallel_size {tp})")
+    if tp > 1:
+        return _Demand(role, field, pool.replicas, pool.num_cpus * tp, 0.0,
+                       cpu_note=f" (num_cpus {_num(pool.num_cpus)} x tensor_parallel_size {tp})")
+    return _Demand(role, field, pool.replicas, pool.num_cpus, pool.num_gpus)
+
+
+def actor_resources(role: str, pool: PoolConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one more actor of `pool` takes, its tensor-parallel ranks included (what
+    an autoscaler must find room for)."""
+    d = _pool_demand(role, pool)
+    return d.cpus, d.gpus
 
 
 def check_resources(cfg: Config, cluster_resources: dict[str, float],

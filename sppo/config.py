@@ -88,6 +88,12 @@ class DataConfig:
     max_prompts: Optional[int] = None
     seed: int = 0
     on_bad_row: Literal["skip", "error"] = "skip"
+    # Train on journaled rounds instead of sampling and judging (generate and judge once,
+    # train many times): a run directory, whose rounds/round-<t>/ journal round t trains on,
+    # or one round's journal directory (then run.rounds must be 1). No generator or judge
+    # starts and nothing is evaluated; each prompt's rows are rebuilt from its responses and
+    # P for this config's trainer.selection. null: sample and judge.
+    annotated: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -123,9 +129,12 @@ class GeneratorConfig:
 class JudgeConfig:
     """Preference model. `pairrm`: llm-blender's PairRM from `model_path` (dir or hub id) with an
     optional local `backbone`; `reward_model`: a sequence-classification RM at `model_path`;
-    `python`: `function` is a dotted path `module:callable` or `module.callable`."""
+    `llm`: an instruction-tuned LLM at `model_path` on vLLM, asked a pairwise question
+    (`template`) and read from its verdict tokens' log-probs (`actors/engines/llm_judge.py`;
+    tensor parallelism from `pools.judge.tensor_parallel_size`); `python`: `function` is a
+    dotted path `module:callable` or `module.callable`."""
 
-    backend: Literal["pairrm", "reward_model", "python"] = "python"
+    backend: Literal["pairrm", "reward_model", "llm", "python"] = "python"
     model_path: Optional[str] = None
     backbone: Optional[str] = None
     function: Optional[str] = "sppo.demo_judge:prefers_more_e"
@@ -136,6 +145,21 @@ class JudgeConfig:
     source_max_length: int = 1224  # PairRM's defaults
     candidate_max_length: int = 412
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # llm only. A Jinja file rendering the user turn from prompt, response_a, response_b,
+    # label_a, label_b (null: actors/engines/templates/pairwise.jinja); the judge model's chat
+    # template wraps it. P(A beats B) = P(label_a) / (P(label_a) + P(label_b)) at the answer
+    # position, each label counted as "A" and " A" where those are single tokens.
+    template: Optional[str] = None
+    label_a: str = "A"
+    label_b: str = "B"
+    max_response_tokens: int = 512  # each response cut to this many judge tokens (counted)
+    top_logprobs: int = 20  # log-probs returned at the answer position (-1: whole vocabulary)
+    # As for generator.*: the KV cache takes kv_cache_gb GiB when set (needed on CPU), else
+    # gpu_memory_utilization of the GPU.
+    gpu_memory_utilization: float = 0.85
+    kv_cache_gb: Optional[float] = None
+    enforce_eager: bool = False
+    max_model_len: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +209,10 @@ class PoolConfig:
     max_replicas: int = 4
     num_cpus: float = 1.0
     num_gpus: float = 0.0
-    tensor_parallel_size: int = 1  # generators with vLLM only
+    # vLLM generators and LLM judges only (1 otherwise): ranks per actor, each rank a
+    # placement-group bundle of 1 GPU (on CPU: of num_cpus CPUs), so one actor takes
+    # tensor_parallel_size GPUs (cluster/placement.py counts them so).
+    tensor_parallel_size: int = 1
     batch_size: int = 8  # prompts per request to one actor
     max_in_flight: int = 2  # requests queued on one actor at once
     max_restarts: int = 3
@@ -247,6 +274,23 @@ class RunConfig:
     # unchecked (a warning) when that is unknown. `--plan` uses it when --gpu-memory-gb is
     # not given.
     gpu_memory_gb: Optional[float] = None
+    # The round journal (`sppo.journal`): every prompt's record, appended as Parquet chunks of
+    # `journal_chunk_prompts` prompts (or what arrived within `journal_flush_s` seconds) under
+    # rounds/round-<t>/; `--resume` reuses a stopped round's journal instead of redoing it.
+    journal: bool = True
+    journal_chunk_prompts: int = 64
+    journal_flush_s: float = 60.0
+    # A journal chunk that does not read (on --resume, or data.annotated): stop the run before
+    # it starts ("error"), or report it, rename it *.corrupt and redo its prompts ("skip").
+    journal_on_corrupt: Literal["error", "skip"] = "error"
+    # Metric sinks besides metrics.jsonl, comma-separated: "tensorboard" (event files under
+    # <run_dir>/tensorboard), "wandb", "mlflow" (the `wandb` / `mlflow` extras: pip install
+    # 'sppo-ray[wandb]'); "" for none. Nothing is contacted unless named here.
+    loggers: str = "tensorboard"
+    wandb_project: str = "sppo"
+    # null: a local file store in <run_dir>/mlruns.
+    mlflow_tracking_uri: Optional[str] = None
+    samples_per_round: int = 4  # prompts in each round's samples table (best and worst response)
 
 
 @dataclass(frozen=True)
@@ -274,6 +318,14 @@ class Config:
 
 
 # --------------------------------------------------------------------------- value checks
+
+LOGGERS = ("tensorboard", "wandb", "mlflow")
+
+
+def logger_names(value: str) -> list[str]:
+    """`run.loggers` as a list: "tensorboard, wandb" -> ["tensorboard", "wandb"]."""
+    return [x.strip() for x in value.split(",") if x.strip()]
+
 
 
 def _check_values(cfg: Config) -> list[tuple[str, str]]:
@@ -309,6 +361,30 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(j.source_max_length > 0, "judge.source_max_length", j.source_max_length, "must be > 0")
     need(j.candidate_max_length > 0, "judge.candidate_max_length", j.candidate_max_length,
          "must be > 0")
+    if j.backend == "llm":
+        need(bool(j.label_a.strip()), "judge.label_a", j.label_a, "must not be empty")
+        need(bool(j.label_b.strip()), "judge.label_b", j.label_b, "must not be empty")
+        need(j.label_a != j.label_b, "judge.label_b", j.label_b,
+             f"must differ from judge.label_a ({j.label_a!r})")
+        need(j.template is None or bool(j.template), "judge.template", j.template,
+             "must be a path to a Jinja file or null (the default template)")
+        need(j.max_response_tokens > 0, "judge.max_response_tokens", j.max_response_tokens,
+             "must be > 0")
+        need(j.top_logprobs > 0 or j.top_logprobs == -1, "judge.top_logprobs", j.top_logprobs,
+             "must be > 0, or -1 for the whole vocabulary")
+        need(0 < j.gpu_memory_utilization <= 1, "judge.gpu_memory_utilization",
+             j.gpu_memory_utilization, "must be in (0, 1]")
+        need(j.kv_cache_gb is None or j.kv_cache_gb > 0, "judge.kv_cache_gb", j.kv_cache_gb,
+             "must be > 0 or null")
+        need(j.max_model_len is None or j.max_model_len > 0, "judge.max_model_len",
+             j.max_model_len, "must be > 0 or null")
+        if cfg.pools.judge.num_gpus == 0:
+            need(j.kv_cache_gb is not None, "judge.kv_cache_gb", j.kv_cache_gb,
+                 "set it for the llm judge on CPU (pools.judge.num_gpus is 0): there "
+                 "gpu_memory_utilization would reserve that fraction of the machine's RAM")
+    else:
+        need(cfg.pools.judge.tensor_parallel_size == 1, "pools.judge.tensor_parallel_size",
+             cfg.pools.judge.tensor_parallel_size, "must be 1 unless judge.backend is 'llm'")
 
     need(t.num_workers > 0, "trainer.num_workers", t.num_workers, "must be > 0")
     need(t.eta > 0, "trainer.eta", t.eta, "must be > 0 (eta = 1/beta)")
@@ -390,6 +466,15 @@ def _check_values(cfg: Config) -> list[tuple[str, str]]:
     need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
     need(r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "run.gpu_memory_gb", r.gpu_memory_gb,
          "must be > 0 or null")
+    need(r.journal_chunk_prompts > 0, "run.journal_chunk_prompts", r.journal_chunk_prompts,
+         "must be > 0")
+    need(r.journal_flush_s > 0, "run.journal_flush_s", r.journal_flush_s, "must be > 0")
+    need(r.samples_per_round >= 0, "run.samples_per_round", r.samples_per_round, "must be >= 0")
+    unknown = [x for x in logger_names(r.loggers) if x not in LOGGERS]
+    need(not unknown, "run.loggers", r.loggers,
+         f"unknown logger(s) {unknown}; choose from {list(LOGGERS)}, comma-separated")
+    need(d.annotated is None or bool(d.annotated.strip()), "data.annotated", d.annotated,
+         "must be a journal directory or null")
     return out
 
 

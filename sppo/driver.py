@@ -121,7 +121,11 @@ def connect_ray(cfg: Config) -> None:
         # Logical CPUs: actors here mostly wait on each other, so more than the cores is fine.
         num_cpus = max(os.cpu_count() or 1, int(required_cpus(cfg) + 0.999))
         log.info("no Ray cluster found: starting a local one with %d logical CPUs", num_cpus)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env})
+        # With the dashboard: it serves Ray's state API, which Ray Train 2.60's
+        # PlacementGroupCleaner (always started, `_create_default_callbacks`) polls every
+        # second; without it every poll logged "Failed to query Ray Train Controller actor
+        # state. State API may be temporarily unavailable".
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env})
 
 
 def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float]) -> int:

@@ -10,18 +10,23 @@ the independent units; responses of one prompt are not).
 The same applies against dataset reference responses when the prompts carry one (`against`
 then has one response per prompt).
 
+`plot_progress` draws a run's win rate and mean loss per round (`progress.png`) from its round
+reports.
+
 Not here: running the pools (the driver does that); this module is maths and bookkeeping.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 from sppo.records import Generation
 
-__all__ = ["WinRate", "merge_for_eval", "cross_win_rate", "summarize"]
+__all__ = ["WinRate", "merge_for_eval", "cross_win_rate", "summarize", "plot_progress"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,32 @@ def summarize(per_prompt: Sequence[float], z: float = 1.96) -> Optional[WinRate]
     var = sum((x - mean) ** 2 for x in per_prompt) / (n - 1)
     half = z * math.sqrt(var / n)
     return WinRate(mean, max(0.0, mean - half), min(1.0, mean + half), n)
+
+
+def plot_progress(run_dir: Path) -> None:
+    """`<run_dir>/progress.png`: win rate against round 0 (with its 95% interval) and mean
+    SPPO loss per round, from `<run_dir>/rounds/round-<t>.json`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports = sorted((json.loads(p.read_text()) for p in
+                      (Path(run_dir) / "rounds").glob("round-*.json")),
+                     key=lambda r: r["round"])
+    xs = [r["round"] + 1 for r in reports]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    wins = [r["win_rate_vs_round0"] for r in reports]
+    if any(wins):
+        pts = [(x, w) for x, w in zip(xs, wins) if w]
+        a.errorbar([x for x, _ in pts], [100 * w["mean"] for _, w in pts],
+                   yerr=[[100 * (w["mean"] - w["ci_low"]) for _, w in pts],
+                         [100 * (w["ci_high"] - w["mean"]) for _, w in pts]],
+                   marker="o", capsize=4)
+    a.axhline(50, color="grey", ls="--")
+    a.set(title="win rate vs round 0 (%)", xlabel="round", xticks=xs)
+    b.plot(xs, [r["mean_loss"] for r in reports], marker="o")
+    b.set(title="mean SPPO loss", xlabel="round", xticks=xs)
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "progress.png", dpi=90)
+    plt.close(fig)

@@ -198,16 +198,19 @@ def model_facts(config: dict[str, Any], name: str, source: str, field_name: str)
 
 
 def judge_facts(cfg: Config) -> Optional[ModelFacts]:
-    """The judge's model (None for a Python judge). A PairRM ranker's config.json names its
-    backbone (`judge.backbone` overrides it); the checkpoint adds the collator's prefix rows to
-    the embeddings and a scoring head. A reward model counts as its architecture's model
-    (for a causal-LM backbone that includes an lm_head it does not have: an upper bound)."""
+    """The judge's model (None for a Python judge). An LLM judge is its causal LM as it is.
+    A PairRM ranker's config.json names its backbone (`judge.backbone` overrides it); the
+    checkpoint adds the collator's prefix rows to the embeddings and a scoring head. A reward
+    model counts as its architecture's model (for a causal-LM backbone that includes an
+    lm_head it does not have: an upper bound)."""
     j = cfg.judge
     if j.backend == "python":
         return None
     config, source = load_model_config(j.model_path, "judge.model_path", cfg.model.cache_dir)
-    if j.backend == "reward_model":
+    if j.backend in ("llm", "reward_model"):
         return model_facts(config, j.model_path, source, "judge.model_path")
+    if j.backend != "pairrm":
+        raise ModelConfigError("judge.backend", f"{j.backend!r}: the plan cannot size its model")
     name = j.backbone or config.get("model_name") or PAIRRM_BACKBONE
     backbone, where = load_model_config(name, "judge.backbone", cfg.model.cache_dir)
     facts = model_facts(backbone, f"{j.model_path} on {name}", where, "judge.backbone")

@@ -21,7 +21,7 @@ import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 from sppo.records import Annotated, Failed, Generation, Prompt, TrainRow
 
@@ -64,6 +64,10 @@ class RoundOutcome:
     generate_busy_s: float = 0.0
     judge_busy_s: float = 0.0
     sink_busy_s: float = 0.0
+    # Prompts taken from the round's journal (rows to the trainer, nothing generated or judged)
+    # and, in a round resumed from a journal, those generated and judged again.
+    from_journal: int = 0
+    redone: int = 0
 
     def failed_by_reason(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -71,6 +75,17 @@ class RoundOutcome:
             key = f"{f.stage}: {f.reason.split(':')[0]}"
             out[key] = out.get(key, 0) + 1
         return out
+
+    def merge(self, other: "RoundOutcome", *, redone: int = 0) -> "RoundOutcome":
+        """This outcome (the journal's part of a round) followed by `other` (the pipeline's):
+        counts add up, the stage times are the pipeline's."""
+        return RoundOutcome(
+            prompts=self.prompts + other.prompts, annotated=self.annotated + other.annotated,
+            rows=self.rows + other.rows, failed=self.failed + other.failed,
+            generated=other.generated, response_tokens=other.response_tokens,
+            wall_s=self.wall_s + other.wall_s, generate_busy_s=other.generate_busy_s,
+            judge_busy_s=other.judge_busy_s, sink_busy_s=self.wall_s + other.sink_busy_s,
+            from_journal=self.from_journal + other.from_journal, redone=redone)
 
     def summary(self) -> dict:
         return {
@@ -81,6 +96,7 @@ class RoundOutcome:
             "judge_busy_s": round(self.judge_busy_s, 3),
             "sink_busy_s": round(self.sink_busy_s, 3),
             "failed_by_reason": self.failed_by_reason(),
+            "from_journal": self.from_journal, "redone": self.redone,
         }
 
 
@@ -115,6 +131,9 @@ class RoundPipeline:
     `sink(rows)` hands rows to the trainer and blocks while its buffer is full.
     `tick(backlog)`, when given, runs once per poll on the pipeline's thread, between pool
     calls: the place for an autoscaling step (`cluster.autoscale.scale_pool`).
+    `record(record, rows)`, when given, sees every prompt's final record once, as it is
+    accounted: an `Annotated` one with the rows it produced, or a `Failed` one with [] (the
+    round journal, `sppo.journal`).
     """
 
     def __init__(
@@ -132,13 +151,14 @@ class RoundPipeline:
         progress_every_s: float = 5.0,
         poll_s: float = 0.02,
         tick: Optional[Callable[[Backlog], None]] = None,
+        record: Optional[Callable[[Union[Annotated, Failed], list[TrainRow]], None]] = None,
     ):
         self.generators, self.judges = generators, judges
         self.sink, self.to_rows, self.screen = sink, to_rows, screen
         self.generate_batch, self.judge_batch = generate_batch, judge_batch
         self.max_judge_backlog = max_judge_backlog or 4 * judge_batch
         self.progress, self.progress_every_s, self.poll_s = progress, progress_every_s, poll_s
-        self.tick = tick
+        self.tick, self.record = tick, record
         self._out: Optional[RoundOutcome] = None  # the round in progress, for `snapshot`
         self._done: set[str] = set()
         self._start = 0.0
@@ -177,6 +197,8 @@ class RoundPipeline:
         def fail(f: Failed) -> None:
             finish(f.prompt_id)
             out.failed.append(f)
+            if self.record:
+                self.record(f, [])
 
         while len(done) < len(prompts):
             # 1. Feed generation while it has room and the judge backlog is bounded.
@@ -220,6 +242,8 @@ class RoundPipeline:
                     finish(rec.prompt.id)
                     out.annotated += 1
                     rows.extend(made)
+                    if self.record:
+                        self.record(rec, made)
                 if rows:
                     t0 = time.perf_counter()
                     self.sink(rows)  # blocks while the trainer's buffer is full

@@ -3,9 +3,10 @@
 `build_plan(cfg, gpu_memory)` reads the policy's and the judge's `config.json` (no weights),
 counts their parameters from the architecture, and estimates per device: the trainer rank
 (FSDP2 shards, gathered blocks, activations, logits), each vLLM or HF generator (weights per
-tensor-parallel shard and what is left for the KV cache), the judge (weights and one batch's
-activations), plus the host RAM each process needs while it loads. `Plan.problems` names the
-role that runs out and the config fields to change; `Plan.format()` is the table printed by
+tensor-parallel shard and what is left for the KV cache), the judge (PairRM or a reward model:
+weights and one batch's activations; an LLM judge: a vLLM engine, as a generator), plus the
+host RAM each process needs while it loads. `Plan.problems` names the role that runs out and
+the config fields to change; `Plan.format()` is the table printed by
 `python -m sppo.driver --plan`. The driver runs the same plan against the cluster's GPUs, whose
 memory `gpu_memory_gib` reads from Ray's `accelerator_type:<X>` node resources.
 
@@ -31,12 +32,16 @@ q = heads x head_dim, V vocabulary):
   reference's logits): an upper estimate;
 - margin: 2 GiB on a GPU (CUDA context, NCCL buffers) + 10% of the rest (allocator
   fragmentation);
-- vLLM: weights P x dtype / TP; 2 GiB reserved for its profiled activation peak and CUDA graphs
-  (an estimate); KV cache = `gpu_memory_utilization` x GPU memory (or `kv_cache_gb`) minus those,
-  at 2 x L x max(1, kv_heads / TP) x head_dim x dtype bytes per token;
-- judge (inference): weights + one layer's tensors for `judge.batch_size` packed pairs of
-  `source_max_length + 2 x candidate_max_length` tokens, T x (7h + I) x dtype bytes (PairRM's
-  engine attends a few heads of one pair at a time: no T^2 term worth counting);
+- vLLM (generators, and LLM judges with the `judge.*` fields): weights P x dtype / TP; 2 GiB
+  reserved for its profiled activation peak and CUDA graphs (an estimate); KV cache =
+  `gpu_memory_utilization` x GPU memory (or `kv_cache_gb`) minus those, at
+  2 x L x max(1, kv_heads / TP) x head_dim x dtype bytes per token, reported as sequences of
+  `data.max_prompt_length + sampling.max_new_tokens` tokens for a generator and judge prompts
+  of `data.max_prompt_length + 2 x judge.max_response_tokens` + the templates' tokens (the
+  Jinja file at ~3 characters a token + 64 for the chat template) + 1 for an LLM judge;
+- PairRM or reward-model judge: weights + one layer's tensors for `judge.batch_size` packed
+  pairs of `source_max_length + 2 x candidate_max_length` tokens, T x (7h + I) x dtype bytes
+  (PairRM's engine attends a few heads of one pair at a time: no T^2 term worth counting);
 - host RAM at load: a trainer rank holds its fp32 shard, the checkpoint file's pages of that
   shard (mmap) and one tensor's read buffer; a vLLM worker streams tensors (one at a time); an
   HF generator holds its weights; llm-blender builds the ranker in fp32 and loads its fp32
@@ -49,10 +54,12 @@ Not here: Ray (the driver passes node dicts in) and GPU counts (`cluster.placeme
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from sppo.config import Config
+from sppo.config import Config, GeneratorConfig, JudgeConfig, PoolConfig
 from sppo.model_facts import ModelFacts, judge_facts, load_model_config, model_facts
 
 __all__ = ["GIB", "ACCELERATOR_MEMORY_GIB", "Role", "Plan", "build_plan", "activation_bytes",
@@ -206,7 +213,6 @@ def _generator(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
     on_gpu, tp = pool.num_gpus > 0, pool.tensor_parallel_size
     d = _DTYPE_BYTES[cfg.model.dtype]
     seq = cfg.data.max_prompt_length + s.max_new_tokens
-    in_flight = pool.batch_size * pool.max_in_flight * s.k
     weights = m.params * d
     where = f"{tp} GPU{'s' if tp > 1 else ''} each" if on_gpu else "on CPU"
     role = Role("generator", f"generator: {pool.replicas} x {g.backend} (pools.generator.replicas)"
@@ -225,54 +231,70 @@ def _generator(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
                 f"available: lower pools.generator.batch_size or use generator.backend=vllm "
                 "with pools.generator.tensor_parallel_size > 1")
         return role
+    _vllm(role, m, "generator", g, pool, d, memory, seq=seq, unit="sequences",
+          seq_how="data.max_prompt_length + sampling.max_new_tokens",
+          in_flight=f"{pool.batch_size * pool.max_in_flight * s.k} (batch_size x max_in_flight"
+          " x k)")
+    return role
+
+
+def _vllm(role: Role, m: ModelFacts, section: str, engine: "GeneratorConfig | JudgeConfig",
+          pool: PoolConfig, d: int, memory: Optional[float], *, seq: int, unit: str,
+          seq_how: str, in_flight: str) -> None:
+    """A vLLM engine's lines, notes and problems, added to `role`: the generators' and the LLM
+    judges'. `section` ("generator" or "judge") names the fields in messages; `engine` is that
+    section (gpu_memory_utilization, kv_cache_gb, max_model_len) and `pool` its pool. The
+    notes say how many `unit`s of `seq` tokens (`seq_how`) the KV cache holds."""
+    on_gpu, tp = pool.num_gpus > 0, pool.tensor_parallel_size
+    weights = m.params * d
     per_token = _kv_per_token(m, tp, d)
-    max_len = g.max_model_len or m.max_positions
+    max_len = engine.max_model_len or m.max_positions
+    tp_field = f"pools.{section}.tensor_parallel_size"
     role.lines.append(("weights", f"per tensor-parallel shard (/{tp})", weights / tp))
     if not on_gpu:
-        kv = g.kv_cache_gb * GIB
-        role.lines.append(("KV cache", "generator.kv_cache_gb", kv))
+        kv = engine.kv_cache_gb * GIB
+        role.lines.append(("KV cache", f"{section}.kv_cache_gb", kv))
         role.host_load = role.total
     else:
         role.lines.append(("reserve", "vLLM activations, CUDA graphs (estimate)", VLLM_RESERVE))
         role.host_load = m.vocab * m.hidden * d  # tensors streamed one at a time
         if memory is None:
             role.notes.append("KV cache: unknown until the GPU memory is")
-            return role
+            return
         share = 1.0 if tp > 1 else min(pool.num_gpus, 1.0)
-        budget = g.kv_cache_gb * GIB + role.total if g.kv_cache_gb else \
-            g.gpu_memory_utilization * memory
+        budget = engine.kv_cache_gb * GIB + role.total if engine.kv_cache_gb else \
+            engine.gpu_memory_utilization * memory
         kv = budget - role.total
-        role.lines.append(("KV cache", "generator.kv_cache_gb" if g.kv_cache_gb else
-                           f"what is left of {g.gpu_memory_utilization:g} x {_fmt(memory)}",
+        role.lines.append(("KV cache", f"{section}.kv_cache_gb" if engine.kv_cache_gb else
+                           f"what is left of {engine.gpu_memory_utilization:g} x {_fmt(memory)}",
                            max(kv, 0.0)))
         role.available = memory * share
         if budget > memory * share:
             role.problems.append(
-                f"generator: vLLM takes {_fmt(budget)} of each GPU but an actor has "
+                f"{section}: vLLM takes {_fmt(budget)} of each GPU but an actor has "
                 f"{share:g} of one ({_fmt(memory * share)}): lower "
-                "generator.gpu_memory_utilization or raise pools.generator.num_gpus")
+                f"{section}.gpu_memory_utilization or raise pools.{section}.num_gpus")
         if kv <= 0:
-            need = _least_tp(m, budget, d, min(max_len, seq) if g.max_model_len else max_len)
+            need = _least_tp(m, budget, d, max_len)
             role.problems.append(
-                f"generator: weights {_fmt(weights / tp)} per GPU + {_fmt(VLLM_RESERVE)} reserve "
-                f"exceed generator.gpu_memory_utilization x GPU = {_fmt(budget)}: raise "
-                "pools.generator.tensor_parallel_size" + (f" to >= {need}" if need else "")
-                + " or generator.gpu_memory_utilization")
-    sequences = int(max(kv, 0) // (per_token * seq))
-    role.notes.append(f"KV cache: {_fmt(per_token)} per token per GPU; holds {sequences} "
-                      f"sequences of {seq} tokens (data.max_prompt_length + "
-                      f"sampling.max_new_tokens); in flight at most {in_flight} "
-                      "(batch_size x max_in_flight x k)")
+                f"{section}: weights {_fmt(weights / tp)} per GPU + {_fmt(VLLM_RESERVE)} reserve "
+                f"exceed {section}.gpu_memory_utilization x GPU = {_fmt(budget)}: raise "
+                f"{tp_field}" + (f" to >= {need}" if need else "")
+                + f" or {section}.gpu_memory_utilization")
+    held = int(max(kv, 0) // (per_token * seq))
+    role.notes.append(f"KV cache: {_fmt(per_token)} per token per GPU; holds {held} {unit} of "
+                      f"{seq} tokens ({seq_how}); in flight at most {in_flight}")
     if 0 < kv < per_token * max_len:
         role.problems.append(
-            f"generator: vLLM refuses to start when its KV cache ({_fmt(kv)}) cannot hold one "
+            f"{section}: vLLM refuses to start when its KV cache ({_fmt(kv)}) cannot hold one "
             f"sequence of max_model_len {max_len} tokens ({_fmt(per_token * max_len)}): set "
-            f"generator.max_model_len (e.g. {seq}) or raise "
-            "pools.generator.tensor_parallel_size or generator.gpu_memory_utilization")
-    return role
+            f"{section}.max_model_len (e.g. {seq}) or raise {tp_field} or "
+            f"{section}.gpu_memory_utilization")
 
 
 def _judge(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
+    if cfg.judge.backend == "llm":
+        return _llm_judge(cfg, m, memory)
     j, pool = cfg.judge, cfg.pools.judge
     on_gpu = pool.num_gpus > 0
     dtype = j.dtype if j.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -294,6 +316,50 @@ def _judge(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
                 f"judge: needs {_fmt(role.total)} per GPU, {_fmt(role.available)} available: "
                 "lower judge.batch_size, set judge.dtype=bfloat16 or raise pools.judge.num_gpus")
     return role
+
+
+def _llm_judge(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
+    """An LLM judge is a vLLM engine like a generator's, whose sequences are judge prompts:
+    the question, two responses of at most judge.max_response_tokens and the templates'
+    words, with one verdict position."""
+    j, pool, k = cfg.judge, cfg.pools.judge, cfg.sampling.k
+    on_gpu, tp = pool.num_gpus > 0, pool.tensor_parallel_size
+    # vLLM's "auto": the checkpoint's dtype (16-bit on GPUs for a float32 one).
+    dtype = j.dtype if j.dtype != "auto" else \
+        "float32" if m.checkpoint_dtype_bytes == 4 and not on_gpu else "bfloat16"
+    overhead, where_from = _template_tokens(j.template)
+    seq = cfg.data.max_prompt_length + 2 * j.max_response_tokens + overhead + 1
+    where = f"{tp} GPU{'s' if tp > 1 else ''} each" if on_gpu else "on CPU"
+    role = Role("judge", f"judge: {pool.replicas} x llm on vLLM (pools.judge.replicas), {where}"
+                f", tensor_parallel_size {tp}, {dtype}" + (" (auto)" if j.dtype == "auto" else ""),
+                on_gpu=on_gpu, processes=pool.replicas * tp)
+    _vllm(role, m, "judge", j, pool, _DTYPE_BYTES[dtype], memory, seq=seq, unit="judge prompts",
+          seq_how=f"data.max_prompt_length + 2 x judge.max_response_tokens + ~{overhead} of "
+          f"templates{where_from} + 1 verdict",
+          in_flight=f"{pool.batch_size * pool.max_in_flight * k * (k - 1)} (batch_size x "
+          "max_in_flight x K(K-1))")
+    if j.max_model_len and j.max_model_len < seq:
+        role.notes.append(
+            f"judge.max_model_len {j.max_model_len} is under the longest judge prompt (~{seq} "
+            "tokens): prompts whose rendered pairs exceed it fail (Failed records); raise "
+            "judge.max_model_len or lower judge.max_response_tokens")
+    return role
+
+
+def _template_tokens(template: Optional[str]) -> tuple[int, str]:
+    """(tokens, a note) that the judge's template and the model's chat template add around the
+    question and the two responses: the template file's text without its Jinja comments at ~3
+    characters a token (English runs ~4: an upper estimate), plus 64 for the chat template's
+    turn markers and system header (Llama 3.1's: ~35). The default template: ~210."""
+    from actors.engines.llm_judge import DEFAULT_TEMPLATE  # light: no vLLM
+
+    path, note = DEFAULT_TEMPLATE, ""
+    if template and Path(template).expanduser().is_file():
+        path = Path(template).expanduser()
+    elif template:  # the engine refuses it at start; the plan goes on with the default's size
+        note = f" (judge.template {template!r} not found: the default's)"
+    text = re.sub(r"\{#.*?#\}", "", path.read_text(), flags=re.S)
+    return math.ceil(len(text) / 3) + 64, note
 
 
 # --------------------------------------------------------------------------- the plan

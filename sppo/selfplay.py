@@ -8,10 +8,17 @@ step. Everything a round produces goes to the run directory:
     <run_dir>/data_report.txt      bad prompt rows, each with index and reason
     <run_dir>/metrics.jsonl        one line per trainer step and per round
     <run_dir>/rounds/round-<t>.json  the round report (counts, failures, timings, win rate)
+    <run_dir>/rounds/round-<t>/      the round journal: every prompt's record (`sppo.journal`)
+    <run_dir>/tensorboard/           TensorBoard event files (`run.loggers`, `sppo.tracking`)
     <run_dir>/train/...            Ray Train checkpoints; `round-<t>/hf` loads with from_pretrained
     <run_dir>/eval_baseline.jsonl  pi_0's responses on the held-out prompts
     <run_dir>/progress.png         win rate against round 0 and loss per round
     <run_dir>/state.json           completed rounds and the latest checkpoint (for --resume)
+
+A round stopped midway (the driver died) resumes from its journal: its prompts' rows go to the
+trainer first (which restarts the round from its start checkpoint), and only the prompts
+missing from the journal are generated and judged. With `data.annotated` the rounds' rows come
+from existing journals and no generator or judge starts.
 
 Not here: command-line parsing and connecting to Ray (`sppo.driver`), the pools and trainer
 (`actors/`), the maths (`sppo.preference`, `sppo.loss`).
@@ -36,12 +43,17 @@ from actors.trainer import TrainerRun, object_store_hand_off
 from actors.weight_sync import CollectiveHandOff
 from actors.weights import resolve_backend
 from cluster.autoscale import AutoscaledPool, PipelineAutoscaler, QueueAutoscaler
-from sppo.config import Config, dump_yaml
+from cluster.placement import actor_resources
+from sppo.config import Config, dump_yaml, logger_names, to_dict
 from sppo.data import load_prompts, split_rounds
-from sppo.evaluate import cross_win_rate, merge_for_eval, summarize
-from sppo.pipeline import Backlog, RoundPipeline
-from sppo.records import Annotated, Failed, Generation, Prompt
+from sppo.evaluate import cross_win_rate, merge_for_eval, plot_progress, summarize
+from sppo.journal import JournalWriter, RoundJournal, fingerprint, judge_identity, read_round, \
+    round_dir
+from sppo.pipeline import Backlog, RoundOutcome, RoundPipeline
+from sppo.records import Annotated, Generation, Prompt, TrainRow
+from sppo.replay import annotated_sources, replay, stopped_round_journal
 from sppo.rows import rows_from_annotated
+from sppo.tracking import Trackers, samples_of
 from sppo.tiny import resolve_model_path
 
 log = logging.getLogger("sppo.driver")
@@ -74,7 +86,7 @@ class SelfPlay:
 
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False,
                  tick: Optional[Callable[[Backlog], None]] = None):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
         self.state_path = self.run_dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if resume and \
             self.state_path.is_file() else {"completed_rounds": 0, "checkpoint": None}
@@ -83,36 +95,49 @@ class SelfPlay:
         self.current_round: Optional[int] = None
         self.pipeline: Optional[RoundPipeline] = None
         self.tick = tick
+        self.generators: Optional[GeneratorPool] = None
+        self.judges: Optional[JudgePool] = None
+        self.trackers: Optional[Trackers] = None
+        self.resume_journal: Optional[RoundJournal] = None  # the stopped round's records
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         self.base_model = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
         from transformers import AutoTokenizer
 
-        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        prompts = load_prompts(cfg.data, tokenizer)  # raises before any work in "error" mode
-        (self.run_dir / "data_report.txt").write_text(prompts.summary(max_listed=1000) + "\n")
-        log.info("prompts: %s", prompts.summary(max_listed=5))
-        self.split = split_rounds(prompts.prompts, cfg.run.rounds, cfg.data.seed,
-                                  cfg.data.eval_prompts, cfg.data.max_prompts)
-        log.info("rounds: %s prompts per round; %d held out for evaluation",
-                 [len(s) for s in self.split.shards], len(self.split.eval))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        if cfg.data.annotated:
+            self.sources = annotated_sources(cfg.data.annotated, cfg.run.rounds)
+        else:
+            self._load_prompts()
 
         self._adopt_trained_rounds()
         start = self.state["completed_rounds"]
         gen_model = self.state["checkpoint"] if start else self.base_model
-        self.generators = GeneratorPool(
-            make_generator_factory(gen_model, cfg.sampling, cfg.generator, cfg.pools.generator,
-                                   dtype=cfg.model.dtype), cfg.pools.generator)
-        if start:  # generators start from the checkpoint: its weights are version `start`
-            self.generators.mark_synced(start, gen_model)
-        self.judges = JudgePool(make_judge_factory(cfg.judge, cfg.pools.judge), cfg.pools.judge)
-        if self.tick is None:
-            self.tick = self._autoscaler()
+        if start < cfg.run.rounds and not cfg.data.annotated and cfg.run.journal:
+            self.resume_journal = stopped_round_journal(
+                self.run_dir, start, fingerprint(cfg, [p.id for p in self.split.shards[start]]),
+                resume=self.resume, on_corrupt=cfg.run.journal_on_corrupt)
+        self.trackers = Trackers(logger_names(cfg.run.loggers), self.run_dir,
+                                 run_name=cfg.run.name, config=to_dict(cfg),
+                                 wandb_project=cfg.run.wandb_project,
+                                 mlflow_tracking_uri=cfg.run.mlflow_tracking_uri)
+        # Written once the checks passed: a run refused above leaves the directory as it was.
+        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if not cfg.data.annotated:
+            self.generators = GeneratorPool(
+                make_generator_factory(gen_model, cfg.sampling, cfg.generator,
+                                       cfg.pools.generator, dtype=cfg.model.dtype),
+                cfg.pools.generator)
+            if start:  # generators start from the checkpoint: its weights are version `start`
+                self.generators.mark_synced(start, gen_model)
+            self.judges = JudgePool(make_judge_factory(cfg.judge, cfg.pools.judge),
+                                    cfg.pools.judge)
+            if self.tick is None:
+                self.tick = self._autoscaler()
         t = cfg.trainer
         self.stream = create_stream(world_size=t.num_workers, global_batch_size=t.global_batch_size,
                                     buffer_rows=max(t.stream_buffer, t.global_batch_size),
@@ -122,7 +147,9 @@ class SelfPlay:
         if start:  # the trainer must resume from this round's checkpoint, not an older one
             ray.get(self.stream.mark_done.remote(start - 1, str(Path(gen_model).parent)))
         self.sync_method = cfg.weight_sync.method
-        if self.sync_method == "auto":
+        if cfg.data.annotated:  # no generators to send to: the weights stay in the checkpoint
+            self.sync_method = "object_store"
+        elif self.sync_method == "auto":
             # NCCL between GPUs, and always for vLLM (its weights live in its workers); HF
             # generators on CPU take the object store (shared memory on a node), which
             # measured faster there than gloo over loopback (bench/weights.py).
@@ -139,6 +166,16 @@ class SelfPlay:
         self.trainer = TrainerRun(model_path=self.base_model, trainer=t, stream=self.stream,
                                   storage_path=str(self.run_dir), name="train",
                                   hand_off=hand_off).start()
+
+    def _load_prompts(self) -> None:
+        cfg = self.cfg
+        prompts = load_prompts(cfg.data, self.tokenizer)  # raises before any work in "error" mode
+        (self.run_dir / "data_report.txt").write_text(prompts.summary(max_listed=1000) + "\n")
+        log.info("prompts: %s", prompts.summary(max_listed=5))
+        self.split = split_rounds(prompts.prompts, cfg.run.rounds, cfg.data.seed,
+                                  cfg.data.eval_prompts, cfg.data.max_prompts)
+        log.info("rounds: %s prompts per round; %d held out for evaluation",
+                 [len(s) for s in self.split.shards], len(self.split.eval))
 
     def _adopt_trained_rounds(self) -> None:
         """Continue after the newest complete round checkpoint when it is newer than
@@ -166,26 +203,32 @@ class SelfPlay:
         self.setup()
         try:
             with self._step("baseline", {}):
-                self.baseline = self._baseline()
+                self.baseline = self._baseline() if self.generators is not None else {}
             for t in range(self.state["completed_rounds"], self.cfg.run.rounds):
                 self.reports.append(self.round(t))
             self.trainer.finish(timeout_s=600)
         finally:
-            self.generators.shutdown()
-            self.judges.shutdown()
+            for pool in (self.generators, self.judges):
+                if pool is not None:
+                    pool.shutdown()
+            if self.trackers is not None:
+                self.trackers.close()
         self.stage = "finished"
         return self.reports
 
     def round(self, t: int) -> dict:
         """generate + judge + train (streamed) -> finish training -> sync -> checkpoint -> evaluate."""
-        shard, timings = self.split.shards[t], {}
-        log.info("round %d/%d: %d prompts", t + 1, self.cfg.run.rounds, len(shard))
+        timings: dict = {}
         self.current_round = t
         with self._step("generate+judge+train", timings):
-            outcome = self._stream_round(t, shard)
+            if self.cfg.data.annotated:
+                outcome, journal = self._journaled_round(t)
+            else:
+                outcome, journal = self._stream_round(t, self.split.shards[t])
         # From naming the broadcast's receivers to the end of the sync the set of generators
         # must not change: a resize asked for meanwhile (control service) waits for the sync.
-        with self.generators.hold_resizes():
+        with self.generators.hold_resizes() if self.generators is not None else \
+                contextlib.nullcontext():
             self._end_stream(t)
             with self._step("train", timings):
                 result = self.trainer.wait_round_done(t)
@@ -196,8 +239,12 @@ class SelfPlay:
             self._log_metrics(t, steps)
         with self._step("evaluate", timings):
             win = self.evaluate(t + 1)
+        # The judges' own counts (the LLM judge's truncated responses, bounded pairs, failures
+        # by kind), each since its actor started.
+        judge_counters = self.judges.counters() if self.judges is not None else {}
         report = {"round": t, "prompts": outcome.summary(), "failed": [
-                      dataclasses.asdict(f) for f in outcome.failed],
+                      dataclasses.asdict(f) for f in outcome.failed], "journal": journal,
+                  "judge_counters_since_start": judge_counters,
                   "trainer": result.report, "sync": sync, "timings_s": timings,
                   "checkpoint": str(Path(result.checkpoint_path) / "hf"),
                   "win_rate_vs_round0": win.as_dict() if win else None,
@@ -208,7 +255,10 @@ class SelfPlay:
         self._append_metrics({"kind": "round", "round": t, **{
             k: report[k] for k in ("win_rate_vs_round0", "mean_loss", "timings_s")},
             "accounted": outcome.summary()})
-        self._plot()
+        self.trackers.log_round(t, {"win_rate_vs_round0": (win.as_dict() if win else {}).get(
+            "mean"), "mean_loss": report["mean_loss"], "prompts": outcome.summary(),
+            "timings_s": timings}, self._samples)
+        plot_progress(self.run_dir)
         log.info("round %d done: %d annotated, %d failed, %d rows; win rate vs round 0: %s; "
                  "timings %s", t, outcome.annotated, len(outcome.failed), outcome.rows,
                  win if win else "n/a", {k: round(v, 1) for k, v in timings.items()})
@@ -216,18 +266,77 @@ class SelfPlay:
 
     # ------------------------------------------------------------------ steps
 
-    def _stream_round(self, t: int, shard: list[Prompt]):
+    def _stream_round(self, t: int, shard: list[Prompt]) -> tuple[RoundOutcome, dict]:
+        """The round's prompts: those in a stopped run's journal go to the trainer from it,
+        the rest through the pipeline, each journaled as it is accounted."""
         cfg = self.cfg
-        per_prompt = 1 if cfg.trainer.selection == "pair" else cfg.sampling.k
-        ray.get(self.stream.begin_round.remote(t, len(shard) * per_prompt))
+        journal, self.resume_journal = self.resume_journal, None
+        done = journal.ids() if journal else set()
+        todo = [p for p in shard if p.id not in done]
+        log.info("round %d/%d: %d prompts%s", t + 1, cfg.run.rounds, len(shard),
+                 f" ({len(done)} from the stopped round's journal, {len(todo)} to generate "
+                 "and judge)" if journal else "")
+        self._begin_round(t, len(shard))
+        replayed = replay(journal.rows if journal else [], put=lambda rows: self._put(t, rows),
+                          batch_rows=cfg.trainer.global_batch_size, offer=self._offer_sample)
+        writer = JournalWriter(round_dir(self.run_dir, t), round=t,
+                               judge=judge_identity(cfg),
+                               meta=fingerprint(cfg, [p.id for p in shard]),
+                               prompts={p.id: p for p in todo},
+                               chunk_prompts=cfg.run.journal_chunk_prompts,
+                               flush_s=cfg.run.journal_flush_s) if cfg.run.journal else None
+
+        def record(rec, rows: list[TrainRow]) -> None:
+            if writer is not None:
+                writer.record(rec, rows)
+            if isinstance(rec, Annotated):
+                self._offer_sample(rec.prompt.raw or rec.prompt.text, rec.generation.texts,
+                                   rec.win_rates)
+
         self.pipeline = RoundPipeline(
-            self.generators, self.judges,
-            sink=lambda rows: ray.get(self.stream.put.remote(t, rows)),
+            self.generators, self.judges, sink=lambda rows: self._put(t, rows),
             to_rows=lambda a: rows_from_annotated(a, cfg.trainer.selection),
             generate_batch=cfg.pools.generator.batch_size,
             judge_batch=cfg.pools.judge.batch_size,
-            progress=lambda p: log.info("round %d progress: %s", t, p), tick=self.tick)
-        return self.pipeline.run(shard)
+            progress=lambda p: log.info("round %d progress: %s", t, p), tick=self.tick,
+            record=record)
+        outcome = self.pipeline.run(todo)
+        if writer is not None:
+            writer.flush()
+        outcome = replayed.merge(outcome, redone=len(todo) if journal else 0)
+        info = {"dir": str(round_dir(self.run_dir, t)) if writer else None,
+                "files_written": len(writer.files) if writer else 0,
+                "files_read": [str(f) for f in journal.files] if journal else [],
+                "skipped_files": [dict(file=f, reason=r) for f, r in journal.skipped]
+                if journal else []}
+        return outcome, info
+
+    def _journaled_round(self, t: int) -> tuple[RoundOutcome, dict]:
+        """`data.annotated`: round `t`'s rows from its source journal, rebuilt for this
+        config's trainer.selection; nothing is sampled or judged."""
+        src = self.sources[t]
+        journal = read_round(src, on_corrupt=self.cfg.run.journal_on_corrupt, quarantine=False)
+        log.info("round %d/%d: %d prompts from the journal %s", t + 1, self.cfg.run.rounds,
+                 len(journal.rows), src)
+        self._begin_round(t, len(journal.rows))
+        outcome = replay(journal.rows, put=lambda rows: self._put(t, rows),
+                         batch_rows=self.cfg.trainer.global_batch_size,
+                         selection=self.cfg.trainer.selection, offer=self._offer_sample)
+        return outcome, {"dir": None, "source": str(src), "files_read": [
+            str(f) for f in journal.files], "skipped_files": [
+            dict(file=f, reason=r) for f, r in journal.skipped]}
+
+    def _begin_round(self, t: int, prompts: int) -> None:
+        per_prompt = 1 if self.cfg.trainer.selection == "pair" else self.cfg.sampling.k
+        self._samples: list[dict] = []
+        ray.get(self.stream.begin_round.remote(t, prompts * per_prompt))
+
+    def _put(self, t: int, rows: list[TrainRow]) -> None:
+        ray.get(self.stream.put.remote(t, rows))  # blocks while the trainer's buffer is full
+
+    def _offer_sample(self, prompt: str, texts: list[str], win_rates: list[float]) -> None:
+        if len(self._samples) < self.cfg.run.samples_per_round:
+            self._samples.append(samples_of(prompt, list(texts), list(win_rates)))
 
     def _end_stream(self, t: int) -> None:
         if self.sync_method == "collective":
@@ -236,16 +345,20 @@ class SelfPlay:
         ray.get(self.stream.end_round.remote(t))
 
     def _autoscaler(self) -> Optional[PipelineAutoscaler]:
+        # Room for one more actor: its tensor-parallel ranks included.
         scaled = [AutoscaledPool(pool, QueueAutoscaler(
                       c.min_replicas, c.max_replicas, c.scale_up_backlog, c.scale_down_idle_s,
-                      c.scale_cooldown_s), backlog, c.num_cpus, c.num_gpus)
-                  for pool, c, backlog in ((self.generators, self.cfg.pools.generator, "generate"),
-                                           (self.judges, self.cfg.pools.judge, "judge"))
+                      c.scale_cooldown_s), backlog, *actor_resources(role, c))
+                  for pool, c, backlog, role in (
+                      (self.generators, self.cfg.pools.generator, "generate", "generator"),
+                      (self.judges, self.cfg.pools.judge, "judge", "judge"))
                   if c.autoscale]
         return PipelineAutoscaler(scaled) if scaled else None
 
     def _sync(self, t: int, result) -> dict:
         version = t + 1
+        if self.generators is None:  # data.annotated: the round's checkpoint is the result
+            return {"method": "none", "reason": "no generators (data.annotated)"}
         if self.sync_method == "collective":
             stats = dict(result.weights)
             # Generators that missed the sync (failed, replaced after the names were taken,
@@ -313,6 +426,7 @@ class SelfPlay:
             f.write(json.dumps(line, default=str) + "\n")
 
     def _log_metrics(self, t: int, steps: list[dict]) -> None:
+        self.trackers.log_steps(t, steps)
         for s in steps:
             self._append_metrics({"kind": "step", "round": t, **s})
             if s.get("step", 0) % self.cfg.run.log_every == 0:
@@ -320,29 +434,3 @@ class SelfPlay:
                          t, s.get("step"), s.get("loss", float("nan")),
                          s.get("log_ratio", float("nan")), s.get("grad_norm", float("nan")),
                          s.get("lr", float("nan")))
-
-    def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        reports = sorted((json.loads(p.read_text()) for p in
-                          (self.run_dir / "rounds").glob("round-*.json")),
-                         key=lambda r: r["round"])
-        xs = [r["round"] + 1 for r in reports]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-        wins = [r["win_rate_vs_round0"] for r in reports]
-        if any(wins):
-            pts = [(x, w) for x, w in zip(xs, wins) if w]
-            a.errorbar([x for x, _ in pts], [100 * w["mean"] for _, w in pts],
-                       yerr=[[100 * (w["mean"] - w["ci_low"]) for _, w in pts],
-                             [100 * (w["ci_high"] - w["mean"]) for _, w in pts]],
-                       marker="o", capsize=4)
-        a.axhline(50, color="grey", ls="--")
-        a.set(title="win rate vs round 0 (%)", xlabel="round", xticks=xs)
-        b.plot(xs, [r["mean_loss"] for r in reports], marker="o")
-        b.set(title="mean SPPO loss", xlabel="round", xticks=xs)
-        fig.tight_layout()
-        fig.savefig(self.run_dir / "progress.png", dpi=90)
-        plt.close(fig)

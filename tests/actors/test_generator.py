@@ -403,7 +403,8 @@ def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster
     import sys
 
     import actors.generator as gen_mod
-    from actors.generator import GeneratorFactory
+    from actors.factory import ActorFactory
+    from actors.generator import Generator
 
     seen: dict = {}
 
@@ -417,7 +418,7 @@ def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster
 
     monkeypatch.setattr(gen_mod.ray, "remote", lambda cls: ActorClass())
     pool = PoolConfig(num_cpus=2, num_gpus=1, max_restarts=1, tensor_parallel_size=2)
-    plain = GeneratorFactory(lambda: None, pool, tensor_parallel=False)
+    plain = ActorFactory(Generator, "generator", pool, (lambda: None,))
     assert plain() == "handle"
     assert seen["options"] == dict(num_cpus=2.0, num_gpus=1.0, max_restarts=1,
                                    max_task_retries=0)  # unlabelled: anywhere
@@ -434,7 +435,7 @@ def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster
     monkeypatch.setattr(pg_mod, "placement_group", lambda bundles, **kw: groups.append(
         (bundles, kw)) or real_placement_group(
             [{"CPU": 0.01}], strategy="PACK"))  # a real, tiny group for the strategy to name
-    tp = GeneratorFactory(lambda: None, pool, tensor_parallel=True)
+    tp = ActorFactory(Generator, "generator", pool, (lambda: None,), tensor_parallel=True)
     try:
         tp()
         (bundles, kw), = groups

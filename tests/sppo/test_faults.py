@@ -35,17 +35,10 @@ import contextlib
 import importlib.util
 import json
 import os
-import secrets
-import shutil
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import ray
@@ -362,76 +355,6 @@ def test_the_job_finishes_all_its_rounds(job):
 # --------------------------------------------------------------------------- part 3: driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def own_cluster(tmp_path):
-    """A `ray start --head` cluster of its own (temp dir, ports, auth token) for driver
-    processes, so they cannot join the test session's cluster; stopped by signalling its
-    process group, and checked to leave no process behind."""
-    import psutil
-
-    bindir = Path(sys.executable).parent
-    if not (bindir / "ray").exists():
-        pytest.skip(f"the ray command-line tool is not installed next to {sys.executable}")
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           # Its workers import this module's judge (and, like the driver, the repo).
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths are limited
-    log_path = tmp_path / "head.log"
-    try:
-        for _ in range(3):  # a port picked free may be taken before the head binds it
-            gcs = _free_port()
-            ports = [f"--dashboard-agent-listen-port={_free_port()}",
-                     f"--dashboard-agent-grpc-port={_free_port()}",
-                     f"--metrics-export-port={_free_port()}",
-                     f"--runtime-env-agent-port={_free_port()}",
-                     f"--ray-client-server-port={_free_port()}"]
-            with open(log_path, "w") as log:
-                head = subprocess.Popen(
-                    [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs}",
-                     "--num-cpus=8", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-                     "--disable-usage-stats", *ports],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 120
-            while head.poll() is None and time.monotonic() < deadline and \
-                    not (Path(temp_dir) / "ray_current_cluster").is_file():  # written when up
-                time.sleep(0.5)
-            if head.poll() is None:
-                break
-            with contextlib.suppress(ProcessLookupError):  # whatever it had started
-                os.killpg(head.pid, signal.SIGKILL)
-        assert head.poll() is None and (Path(temp_dir) / "ray_current_cluster").is_file(), \
-            f"the head did not start:\n{log_path.read_text()[-3000:]}"
-        yield SimpleNamespace(address=f"127.0.0.1:{gcs}", env=env)
-    finally:
-        procs = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)  # a throwaway cluster: no graceful stop needed
-        head.wait(timeout=30)
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:  # e.g. a worker outside the group: ours, so stop it too
-            p.kill()
-        _, alive = psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not alive, f"processes of the driver's cluster left behind: {alive}"
-
-
-def _driver(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """`python -m sppo.driver ARGS` in a process group of its own, output to `log_path`."""
-    with open(log_path, "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "sppo.driver", *args], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 def test_driver_killed_mid_round_resumes_and_finishes(own_cluster, tmp_path, cache_dir):
     run = tmp_path / "d"
     args = ["run.rounds=2", "run.name=d", f"run.output_dir={tmp_path}",
@@ -439,7 +362,7 @@ def test_driver_killed_mid_round_resumes_and_finishes(own_cluster, tmp_path, cac
             "data.eval_prompts=0", "sampling.max_new_tokens=8", "pools.generator.replicas=1",
             "judge.function=test_faults:slower_prefers_more_e", f"model.cache_dir={cache_dir}"]
     first_log = tmp_path / "first.log"
-    driver = _driver(args, own_cluster.env, first_log)
+    driver = own_cluster.driver(args, first_log)
     try:
         deadline = time.monotonic() + 420
         while "round 2/2" not in first_log.read_text():  # round 1 (0-based) has begun
@@ -458,7 +381,7 @@ def test_driver_killed_mid_round_resumes_and_finishes(own_cluster, tmp_path, cac
     first = (run / "rounds" / "round-0.json").read_text()
 
     second_log = tmp_path / "second.log"
-    resumed = _driver(["--resume", str(run)], own_cluster.env, second_log)
+    resumed = own_cluster.driver(["--resume", str(run)], second_log)
     try:
         rc = resumed.wait(timeout=540)
     finally:

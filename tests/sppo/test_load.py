@@ -28,6 +28,7 @@ import tracemalloc
 from actors.generator import GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig
+from sppo.journal import JournalWriter, read_round
 from sppo.pipeline import RoundPipeline
 from sppo.records import Generation, Prompt
 from sppo.rows import rows_from_annotated
@@ -57,10 +58,12 @@ def record_bytes(record) -> int:
     return size
 
 
-def measured_round(gens, judges, prompts: list[Prompt]) -> dict:
-    """Run one round; count what became of each prompt without holding it (a byte per prompt,
-    allocated before the measurement starts)."""
+def measured_round(gens, judges, prompts: list[Prompt], journal_dir) -> dict:
+    """Run one round, journaled as the driver journals it; count what became of each prompt
+    without holding it (a byte per prompt, allocated before the measurement starts)."""
     ends = bytearray(len(prompts))  # prompt n: rows seen + failures seen, must end as 1
+    writer = JournalWriter(journal_dir, round=0, judge="python", meta={},
+                           prompts={p.id: p for p in prompts}, chunk_prompts=64)
 
     def index(pid: str) -> int:
         return int(pid.rsplit("-", 1)[1])
@@ -70,11 +73,12 @@ def measured_round(gens, judges, prompts: list[Prompt]) -> dict:
             ends[index(r.prompt_id)] += 1
 
     pipe = RoundPipeline(gens, judges, sink, lambda a: rows_from_annotated(a, "pair"),
-                         generate_batch=BATCH, judge_batch=BATCH)
+                         generate_batch=BATCH, judge_batch=BATCH, record=writer.record)
     rss_before = rss_mib()
     tracemalloc.reset_peak()
     start = tracemalloc.get_traced_memory()[0]
     out = pipe.run(prompts)
+    writer.flush()
     peak = tracemalloc.get_traced_memory()[1] - start
     for f in out.failed:
         ends[index(f.prompt_id)] += 1
@@ -83,7 +87,7 @@ def measured_round(gens, judges, prompts: list[Prompt]) -> dict:
 
 
 def test_large_round_bounded_driver_memory_and_every_prompt_accounted(ray_cluster,
-                                                                     tiny_llama_dir):
+                                                                     tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -104,7 +108,7 @@ def test_large_round_bounded_driver_memory_and_every_prompt_accounted(ray_cluste
         for name, n in (("small", SMALL), ("large", LARGE)):
             prompts = synthetic_prompts(tok, n, name)
             t0 = time.perf_counter()
-            rounds[name] = measured_round(gens, judges, prompts)
+            rounds[name] = measured_round(gens, judges, prompts, tmp_path / name)
             rounds[name]["wall_s"] = round(time.perf_counter() - t0, 1)
     finally:
         tracemalloc.stop()
@@ -123,6 +127,10 @@ def test_large_round_bounded_driver_memory_and_every_prompt_accounted(ray_cluste
         assert out.rows == out.annotated  # pair selection: one row per annotated prompt
         # The only failure a random tiny model may cause: two identical samples.
         assert set(out.failed_by_reason()) <= {f"generate: all {K} responses identical"}
+        # The journal holds one row per prompt, with the round's counts.
+        counts = read_round(tmp_path / name).counts()
+        assert counts == {"prompts": n, "annotated": out.annotated, "failed": len(out.failed),
+                          "rows": out.rows}
     per_prompt = (rounds["large"]["traced_peak"] - rounds["small"]["traced_peak"]) / (
         LARGE - SMALL)
     print(f"one Generation: {gen_bytes} B; peak growth per extra prompt: {per_prompt:.0f} B; "

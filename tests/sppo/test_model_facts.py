@@ -73,6 +73,7 @@ def test_other_architectures_are_built_on_the_meta_device():
 PUBLISHED = {
     "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
     "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
+    "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,  # the shipped LLM judge
     "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,
     "microsoft/deberta-v3-large": 434_012_160,
 }
@@ -142,3 +143,12 @@ def test_pairrm_judge_is_its_backbone_plus_prefix_rows_and_head(tmp_path):
                                   "judge.backbone=microsoft/deberta-v3-large"])
     assert judge_facts(override).hidden == 1024
     assert judge_facts(load_config(None, [])) is None  # the Python judge has no model
+
+
+def test_llm_judge_is_its_causal_lm():
+    """An LLM judge is sized as the model it is (lm_head included), not as a PairRM backbone."""
+    cfg = load_config(None, ["judge.backend=llm", "judge.kv_cache_gb=1",
+                             "judge.model_path=meta-llama/Llama-3.1-8B-Instruct"])
+    facts = judge_facts(cfg)
+    assert facts.params == PUBLISHED["meta-llama/Llama-3.1-8B-Instruct"]
+    assert (facts.model_type, facts.kv_heads, facts.max_positions) == ("llama", 8, 131072)

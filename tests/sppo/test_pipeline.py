@@ -269,8 +269,17 @@ def test_every_kind_of_bad_output_is_reported_once(scripted):
     kinds = ["ok", "same", "ok", "empty", "nan", "ok", "tie", "fail", "ok", "boom",
              "judgeboom", "ok"]
     prompts = [prompt(f"{k}-{n}") for n, k in enumerate(kinds)]
-    out, sink, reports = run_round(gens, judges, prompts)
+    recorded: list = []  # what the round journal sees
+    out, sink, reports = run_round(gens, judges, prompts,
+                                   record=lambda rec, rows: recorded.append((rec, rows)))
     failed = assert_each_prompt_once(prompts, out, sink)
+    # The record hook saw every prompt once, as it was accounted: the failures with no rows,
+    # the annotated ones with exactly the rows the sink got.
+    assert sorted(r.prompt_id if isinstance(r, Failed) else r.prompt.id
+                  for r, _ in recorded) == sorted(p.id for p in prompts)
+    assert {r.prompt_id: r for r, rows in recorded if isinstance(r, Failed) and not rows} == \
+        {f.prompt_id: f for f in out.failed}
+    assert [row for r, rows in recorded if isinstance(r, Annotated) for row in rows] == sink.rows
     got = {pid: (f.stage, f.reason) for pid, f in failed.items()}
     assert got.pop("same-1") == ("generate", f"all {K} responses identical")
     assert got.pop("empty-3") == ("generate", f"empty responses: 1 of {K} responses have no "

@@ -1,7 +1,8 @@
 """The memory plan (`sppo.plan`), `python -m sppo.driver --plan`, and the driver's memory check.
 
 The shipped configs must plan offline and fit 8 GPUs of 80 GiB; a 70B policy on the Mistral
-config's 4 trainer ranks must be refused, naming the trainer and the field to change. Figures
+config's 4 trainer ranks must be refused, naming the trainer and the field to change; an LLM
+judge is sized as a vLLM engine, as a generator is. Figures
 are checked against hand computations (in the tests' docstrings), and the activation formula
 against what autograd really saves in a small bf16 Llama.
 """
@@ -9,6 +10,7 @@ against what autograd really saves in a small bf16 Llama.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 MISTRAL = REPO / "configs" / "mistral7b-ultrafeedback.yaml"
 LLAMA3 = REPO / "configs" / "llama3-8b-ultrafeedback.yaml"
 DEMO = REPO / "configs" / "demo.yaml"
+LLM_JUDGE = REPO / "configs" / "llama3-8b-llm-judge.yaml"
 LLAMA_70B = "model.path=meta-llama/Llama-3.1-70B-Instruct"
 P_MISTRAL = 7_241_732_096  # tests/sppo/test_model_facts.py
+P_LLAMA3_8B = 8_030_261_248  # Llama-3.1-8B-Instruct too
 
 
 def _plan(config: Path, *overrides: str, gib: float = 80.0):
@@ -50,7 +54,7 @@ def _driver(*args: str) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- --plan
 
 
-@pytest.mark.parametrize("config", [MISTRAL, LLAMA3, DEMO], ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [MISTRAL, LLAMA3, LLM_JUDGE, DEMO], ids=lambda p: p.stem)
 def test_shipped_configs_plan_offline(config):
     out = _driver("--plan", "--config", str(config))
     assert out.returncode == 0, out.stderr
@@ -165,6 +169,47 @@ def test_kv_cache_short_of_max_model_len_names_it():
 def test_judge_batch_too_large_names_judge_batch_size():
     judge = _role(_plan(MISTRAL, "judge.batch_size=4096"), "judge")
     assert judge.problems and "judge.batch_size" in judge.problems[0]
+
+
+def test_llm_judge_weights_per_shard_and_kv_cache_by_hand():
+    """configs/llama3-8b-llm-judge.yaml's judge, Llama-3.1-8B-Instruct in bf16 on vLLM: 2P =
+    16,060,522,496 B of weights per GPU at TP 1, P at TP 2. KV cache at TP 1: 0.85 x 80 GiB
+    - 2 GiB reserve - 2P = 54,806,437,888 B at 2 x 32 layers x 8 KV heads x 128 x 2 B =
+    128 KiB a token; at TP 2 each GPU holds 4 of the 8 KV heads (64 KiB a token) and P of
+    weights. A judge prompt: 512 + 2 x 512 + the templates' tokens + 1."""
+    tp1 = _role(_plan(LLM_JUDGE), "judge")
+    tp2 = _role(_plan(LLM_JUDGE, "pools.judge.tensor_parallel_size=2"), "judge")
+    assert _line(tp1, "weights") == 2 * P_LLAMA3_8B
+    assert _line(tp2, "weights") == P_LLAMA3_8B
+    assert _line(tp1, "KV cache") == 0.85 * 80 * GIB - 2 * GIB - 2 * P_LLAMA3_8B
+    assert _line(tp2, "KV cache") == 0.85 * 80 * GIB - 2 * GIB - P_LLAMA3_8B
+    assert tp1.processes == 2 and tp2.processes == 4  # 2 judges x TP ranks
+    (note,) = [n for n in tp1.notes if n.startswith("KV cache:")]
+    held, seq = map(int, re.search(r"holds (\d+) judge prompts of (\d+) tokens", note).groups())
+    assert "128.0 KiB per token" in note and 512 + 2 * 512 + 1 < seq < 512 + 2 * 512 + 400
+    assert held == (0.85 * 80 * GIB - 2 * GIB - 2 * P_LLAMA3_8B) // (128 * 1024 * seq)
+    assert "in flight at most 640" in note  # 16 prompts x 2 in flight x 5 x 4 ordered pairs
+    assert not tp1.problems and not tp2.problems
+
+
+def test_llm_judge_on_a_small_gpu_names_the_judge_fields(capsys):
+    """15 GiB (a T4): 0.85 x 15 = 12.75 GiB < 15 GiB of bf16 weights + 2 GiB reserve, so the
+    judge (as the generator) needs TP >= 2. 22.4 GiB (an L4) without judge.max_model_len: the
+    2.1 GiB KV cache left cannot hold the model's 131,072 positions (16 GiB)."""
+    assert main(["--plan", "--config", str(LLM_JUDGE), "--gpu-memory-gb", "15"]) == 2
+    err = capsys.readouterr().err
+    (judge,) = [line for line in err.splitlines() if line.strip().startswith("judge:")]
+    assert "exceed judge.gpu_memory_utilization" in judge
+    assert "raise pools.judge.tensor_parallel_size to >= 2" in judge
+    assert main(["--plan", "--config", str(LLM_JUDGE), "--gpu-memory-gb", "22.4",
+                 "judge.max_model_len=null"]) == 2
+    err = capsys.readouterr().err
+    (judge,) = [line for line in err.splitlines() if line.strip().startswith("judge:")]
+    assert "max_model_len 131072" in judge and "set judge.max_model_len" in judge
+    # A shorter judge context than its prompts is not refused (those prompts fail) but noted.
+    judge = _role(_plan(LLM_JUDGE, "judge.max_model_len=1024"), "judge")
+    assert not judge.problems and any("judge.max_model_len 1024 is under" in n
+                                      for n in judge.notes)
 
 
 @pytest.mark.parametrize("hidden,intermediate", [(256, 1024), (512, 1536)])

@@ -38,6 +38,17 @@ def test_temperature_zero_is_greedy(tiny_llama_dir, prompts):
         assert g.response_ids == [seq[len(g.prompt.token_ids):]] * 2
 
 
+def test_a_vanishing_chat_temperature_is_greedy(tiny_llama_dir, prompts):
+    """A temperature below 1e-5 (the control service accepts any in [0, 2]; its fuzzing sent
+    2e-289) decodes greedily, as vLLM does, instead of dividing the logits into inf."""
+    engine = _engine(tiny_llama_dir)
+    ids = prompts[0].token_ids
+    greedy = engine.chat(ids, max_tokens=5, temperature=0.0, top_p=1.0, n=2, seed=0)
+    tiny = engine.chat(ids, max_tokens=5, temperature=2e-289, top_p=1.2e-7, n=2, seed=0)
+    assert [a["text"] for a in tiny] == [a["text"] for a in greedy]
+    assert all(a["completion_tokens"] == 5 or a["finish_reason"] == "stop" for a in tiny)
+
+
 def test_load_weights_checks_everything_before_copying(tiny_llama_dir):
     engine = _engine(tiny_llama_dir)
     before = engine.state_dict_numpy()
