@@ -69,6 +69,19 @@ def texts(rng: random.Random, n: int, lo: int, hi: int) -> list[str]:
             for _ in range(n)]
 
 
+def print_rates(times: dict[str, list[float]], pairs: int, baseline: str) -> None:
+    """One line per variant: median pairs/s, and its speed-up over `baseline` (the median
+    and range of the per-repeat ratios: the repeats are interleaved, so each ratio compares
+    runs made side by side)."""
+    for name, ts in times.items():
+        line = f"  {name:<46} {pairs / statistics.median(ts):8.2f} pairs/s"
+        if name != baseline:
+            ratios = [t_base / t for t_base, t in zip(times[baseline], ts)]
+            line += (f"   ratio {statistics.median(ratios):5.2f}x "
+                     f"(range {min(ratios):.2f}-{max(ratios):.2f})")
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", nargs="+", choices=["pairrm", "llm"], default=["pairrm", "llm"],
@@ -186,13 +199,7 @@ def pairrm_bench(args: argparse.Namespace) -> None:
           f"{min(lengths)}-{max(lengths)} tokens (median {int(np.median(lengths))}); prompt words "
           f"{tuple(args.prompt_words)}, response words {tuple(args.response_words)}; "
           f"{args.repeats} interleaved repeats")
-    for name, ts in times.items():
-        line = f"  {name:<46} {pairs / statistics.median(ts):8.2f} pairs/s"
-        if name != off_name:
-            ratios = [t_off / t for t_off, t in zip(times[off_name], ts)]
-            line += (f"   ratio {statistics.median(ratios):5.2f}x "
-                     f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-        print(line)
+    print_rates(times, pairs, baseline=off_name)
 
     scores = outputs[off_name]
     for name, logits in outputs.items():
@@ -303,14 +310,7 @@ def llm_bench(args: argparse.Namespace) -> None:
     print(f"inputs: {n_prompts} prompts x K={k} -> {pairs} ordered pairs per run, judge prompts "
           f"of ~{min(lengths)}-{max(lengths)} tokens (responses cut to "
           f"{args.llm_max_response_tokens} tokens); {args.repeats} interleaved repeats")
-    naive = next(iter(variants))
-    for name, ts in times.items():
-        line = f"  {name:<46} {pairs / statistics.median(ts):8.2f} pairs/s"
-        if name != naive:
-            ratios = [t_naive / t for t_naive, t in zip(times[naive], ts)]
-            line += (f"   ratio {statistics.median(ratios):5.2f}x "
-                     f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-        print(line)
+    print_rates(times, pairs, baseline=next(iter(variants)))
     print(f"  LLM judge: one pair per call == batched within {diff:.1e}; "
           f"{counters['failed_prompts']} failed prompts, {counters['bounded_pairs']} bounded "
           f"pairs, {counters['truncated_responses']} of {counters['responses']} responses cut")

@@ -64,7 +64,7 @@ def sequential_round(job: SelfPlay, t: int, shard) -> dict:
 
 def streaming_round(job: SelfPlay, t: int, shard) -> dict:
     t0 = time.perf_counter()
-    outcome = job._stream_round(t, shard)
+    outcome, _ = job._stream_round(t, shard)  # (outcome, the journal's files)
     # As SelfPlay.round: end the stream's round (the trainer ranks wait in next_step for its
     # end; the broadcast's receivers are named first), wait, sync; no pool resize meanwhile.
     with job.generators.hold_resizes():

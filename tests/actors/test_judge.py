@@ -364,24 +364,30 @@ def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
         np.testing.assert_allclose(by_id[w.prompt.id].probs, w.probs)
 
 
+class _RecordingActorClass:
+    """Stands in for `ray.remote(Judge)` in the factory tests: records the `.options()` and
+    the actor's arguments instead of starting one."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def options(self, **kw):
+        self.seen["options"] = kw
+        return self
+
+    def remote(self, build, preference):
+        self.seen["build"], self.seen["preference"] = build, preference
+        return "handle"
+
+
 def test_factory_takes_resources_from_config(ray_cluster, monkeypatch):
     """Resources and restarts come from `pools.judge` through `.options()`; the engine goes to
     CUDA exactly when the pool asks for GPUs; on a role-labelled cluster the actor asks for a
     `role: judge` node (the session's cluster has no labels: no selector)."""
     import actors.judge as judge_mod
 
-    seen = {}
-
-    class FakeActorClass:
-        def options(self, **kw):
-            seen["options"] = kw
-            return self
-
-        def remote(self, build, preference):
-            seen["build"], seen["preference"] = build, preference
-            return "handle"
-
-    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: FakeActorClass())
+    seen: dict = {}
+    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: _RecordingActorClass(seen))
     cfg = JudgeConfig(backend="pairrm", model_path="/m", backbone="/b", preference="bt_scores")
     factory = make_judge_factory(cfg, PoolConfig(num_cpus=3, num_gpus=0.5, max_restarts=1))
     assert factory() == "handle"
@@ -410,18 +416,8 @@ def test_llm_factory_is_threaded_and_tensor_parallel_in_a_placement_group(ray_cl
     from actors.engines.llm_judge import LLMJudgeEngine
     import actors.judge as judge_mod
 
-    seen = {}
-
-    class FakeActorClass:
-        def options(self, **kw):
-            seen["options"] = kw
-            return self
-
-        def remote(self, build, preference):
-            seen["build"] = build
-            return "handle"
-
-    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: FakeActorClass())
+    seen: dict = {}
+    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: _RecordingActorClass(seen))
     cfg = _llm_judge_cfg("/m")
     factory = make_judge_factory(cfg, PoolConfig(num_cpus=1, max_in_flight=3,
                                                  tensor_parallel_size=2))
