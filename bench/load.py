@@ -53,7 +53,7 @@ from actors.stream import RoundResult, create_stream  # noqa: E402
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig  # noqa: E402
 from sppo.journal import JournalWriter  # noqa: E402
 from sppo.pipeline import RoundPipeline  # noqa: E402
-from sppo.records import Generation  # noqa: E402
+from sppo.records import Failed, Generation  # noqa: E402
 from sppo.rows import rows_from_annotated  # noqa: E402
 from sppo.tiny import ensure_tiny_llama, synthetic_prompts  # noqa: E402
 
@@ -216,6 +216,11 @@ def main() -> None:
         gens.submit(synthetic_prompts(tok, 4, "warm"))
         sample = next(g for g in gens.drain() if isinstance(g, Generation))
         gen_bytes = record_bytes(sample)
+        # Warm the journal too: pyarrow's first write allocates ~24 MiB once, which would
+        # otherwise land in the first round's peak.
+        warm = JournalWriter(Path(args.journal_dir) / "warm", round=0, judge="python", meta={},
+                             prompts={}, chunk_prompts=1)
+        warm.record(Failed(sample.prompt.id, "generate", "warm-up"), [])
         print(f"pools: {args.replicas} generators + 1 judge, batch {args.batch}, "
               f"max_in_flight 2; K={K}, {MAX_NEW_TOKENS} new tokens; sink: {args.sink}")
         print(f"one Generation as the driver holds it: {gen_bytes} B traced")
