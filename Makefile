@@ -25,8 +25,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sppo.driver
 
+# The 30 slowest tests and the total are printed at the end of every run (CI's log too): a slow
+# addition shows there. Tests marked `slow` say in their docstring why they cannot be smaller.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@start=$$(date +%s); $(PY) -m pytest -q --durations=30 $(PYTEST_ARGS); rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s of tests (exit $$rc)"; exit $$rc
 
 bench: $(STAMP)
 	$(PY) bench/generate.py

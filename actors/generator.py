@@ -77,22 +77,32 @@ class Generator:
         self._update_error: Optional[str] = None
         self._weight_group: Optional[str] = None  # key of the trainer's group it joined
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _engine_alive() -> Iterator[None]:
+        """Around every call into the engine. An engine that died (vLLM's engine core
+        process) ends this actor's process, so that Ray restarts it with a new engine
+        (`max_restarts`) and the pool re-syncs it before its next batch: a batch in flight
+        goes to another attempt like any batch of a dead actor, and a weight call (a sync,
+        a reload) fails with the actor's death, which its callers treat as "restarting"
+        rather than as an error of the run."""
+        try:
+            yield
+        except EngineDead as exc:
+            log.error("generator: %s; exiting so that Ray restarts this actor", exc)
+            os._exit(1)
+
     @contextlib.contextmanager
     def _serve(self) -> Iterator[None]:
-        """Around a generate or chat call: waits for a one-call update to end. An engine
-        that died (vLLM's engine core process) ends this actor's process, so that Ray
-        restarts it with a new engine (`max_restarts`) and the pool re-syncs it; the call's
-        batch goes to another attempt like any batch of a dead actor."""
+        """Around a generate or chat call: waits for a one-call update to end."""
         with self._cond:
             self._cond.wait_for(lambda: self._update != "call")
             if self._update == "open":  # buckets may still come: the weights are partial
                 raise WeightsUnavailable("this generator's weights are being updated")
             self._serving += 1
         try:
-            yield
-        except EngineDead as exc:
-            log.error("generator: %s; exiting so that Ray restarts this actor", exc)
-            os._exit(1)
+            with self._engine_alive():
+                yield
         finally:
             with self._cond:
                 self._serving -= 1
@@ -118,7 +128,8 @@ class Generator:
         is stale until re-synced (the pool reloads the latest weights before its next batch)."""
         self._begin_update("call")
         try:
-            yield
+            with self._engine_alive():
+                yield
             self._stale = False
         except BaseException:
             self._stale = True
@@ -208,7 +219,8 @@ class Generator:
         """Join the trainer's weight group as ranks `rank_offset ...`; blocks until the
         whole group has joined."""
         self._weight_group = None
-        self._engine.join_weight_group(address, rank_offset)
+        with self._engine_alive():
+            self._engine.join_weight_group(address, rank_offset)
         self._weight_group = address["prefix"]
 
     def weight_group(self) -> Optional[str]:
@@ -216,7 +228,8 @@ class Generator:
         return self._weight_group
 
     def leave_weight_group(self) -> None:
-        self._engine.leave_weight_group()
+        with self._engine_alive():
+            self._engine.leave_weight_group()
         self._weight_group = None
 
     def receive_weights(self, layout: dict, version: int) -> int:
@@ -298,8 +311,20 @@ class GeneratorPool(BatchedPool):
         """The weight version every actor holds, or is brought to before it takes work."""
         return self._version
 
-    def versions(self) -> list[int]:
-        return ray.get([a.weight_version.remote() for a in self.actors()])
+    def versions(self, timeout_s: float = 60.0) -> list[Optional[int]]:
+        """Each live actor's weight version, in `actors()` order; None for an actor that
+        cannot answer now (restarting after its process or engine died, or gone): a
+        restarted actor is stale and refuses work, so the pool brings it to the current
+        version before its next batch."""
+        refs = [a.weight_version.remote() for a in self.actors()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out: list[Optional[int]] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref) if ref in ready else None)
+            except RayActorError:  # ActorUnavailableError (restarting) included
+                out.append(None)
+        return out
 
     # ------------------------------------------------------------------ weights
 

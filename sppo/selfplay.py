@@ -372,10 +372,13 @@ class SelfPlay:
             stats = {"method": "object_store", "seconds": time.perf_counter() - t0,
                      "bytes": sum(a.nbytes for a in arrays.values())}
         versions = self.generators.versions()
-        if any(v != version for v in versions):
+        if any(v is not None and v != version for v in versions):
             raise RuntimeError(f"after round {t} the generators hold weight versions "
                                f"{versions}, expected all {version}")
         stats["generator_versions"] = versions
+        # A generator restarting now (its process or engine died) holds no weights worth
+        # naming: it is synced to `version` before its next batch (it refuses work until).
+        stats["restarting"] = sum(v is None for v in versions)
         return stats
 
     def _generate_all(self, prompts: list[Prompt]) -> dict[str, Generation]:

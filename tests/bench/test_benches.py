@@ -2,11 +2,13 @@
 
 The benches measure, they do not assert (their figures depend on the machine); this keeps them
 runnable. Each runs as `make bench` runs it, `python bench/X.py`, with `--smoke`: tiny sizes and
-one repeat over the same code path, seconds to a minute or two each on 2 cores. Each starts its
-own local Ray cluster where it uses one (RAY_ADDRESS is dropped so that none joins another), in
-a process group of its own that is killed if it overruns, so a hung bench fails here instead of
-blocking. The checks are on the figure lines' shapes, not their values. A bench part that needs
-an optional package (bench/judge.py's LLM judge: vLLM) is checked where the package is installed,
+one repeat over the same code path, 20-60 s each on 2 cores, mostly starting things (Ray, a
+trainer, a vLLM engine). Each starts its own local Ray cluster where it uses one (RAY_ADDRESS is
+dropped so that none joins another), in a process group of its own that is killed if it
+overruns, so a hung bench fails here instead of blocking. The module starts them three at a
+time (`smoke_runs`; figures from a smoke run mean nothing anyway) and each test waits for its
+own. The checks are on the figure lines' shapes, not their values. A bench part that needs an
+optional package (bench/judge.py's LLM judge: vLLM) is checked where the package is installed,
 else its "skipped" line is.
 """
 
@@ -18,6 +20,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,26 +88,85 @@ OPTIONAL = {
 }
 
 
+TIMEOUT_S = 600
+CONCURRENT = 3
+
+
+class SmokeRuns:
+    """`python bench/X.py --smoke` for every bench that can run here, at most `CONCURRENT` at a
+    time, longest first; `result(bench)` waits for one: (return code or None when it overran,
+    its output)."""
+
+    def __init__(self, benches: list[str]):
+        self._todo = list(benches)
+        self._done: dict[str, tuple] = {}
+        self._cond = threading.Condition()
+        self._threads = [threading.Thread(target=self._worker, daemon=True)
+                         for _ in range(CONCURRENT)]
+        for t in self._threads:
+            t.start()
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                if not self._todo:
+                    return
+                bench = self._todo.pop(0)
+            result = self._run(bench)
+            with self._cond:
+                self._done[bench] = result
+                self._cond.notify_all()
+
+    @staticmethod
+    def _run(bench: str) -> tuple:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.Popen([sys.executable, f"bench/{bench}.py", "--smoke"], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        start = time.monotonic()
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            return proc.returncode, out, time.monotonic() - start
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the bench and any Ray processes it started
+            out, _ = proc.communicate()
+            return None, out, time.monotonic() - start
+
+    def result(self, bench: str) -> tuple:
+        with self._cond:
+            self._cond.wait_for(lambda: bench in self._done)
+            return self._done[bench]
+
+
+def _runnable(bench: str) -> list[str]:
+    """The packages `bench` needs that are not installed."""
+    return [m for m in BENCHES[bench][0] if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request) -> SmokeRuns:
+    """The smoke runs of the benches this session selected (`-k` may pick one)."""
+    selected = {item.callspec.params["bench"] for item in request.session.items
+                if getattr(item, "originalname", None) ==
+                "test_bench_smoke_runs_and_prints_its_figures"}
+    # Longest first (their smoke runs took 50, 40, 40, 35, 30, 20 s on an idle machine).
+    order = ["train", "weights", "pipeline", "generate", "judge", "load"]
+    return SmokeRuns([b for b in order if b in selected and not _runnable(b)])
+
+
 @pytest.mark.parametrize("bench", list(BENCHES))
-def test_bench_smoke_runs_and_prints_its_figures(bench):
+def test_bench_smoke_runs_and_prints_its_figures(bench, request):
     needs, figures = BENCHES[bench]
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    missing = _runnable(bench)
     if missing:
         pytest.skip(f"bench/{bench}.py needs {', '.join(missing)}, not installed")
     if bench in OPTIONAL:
         package, lines, instead = OPTIONAL[bench]
         figures = figures + (lines if importlib.util.find_spec(package) else [instead])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, f"bench/{bench}.py", "--smoke"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the bench and any Ray processes it started
-        out, _ = proc.communicate()
-        pytest.fail(f"bench/{bench}.py --smoke still running after 600 s:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"bench/{bench}.py --smoke exited {proc.returncode}:\n" \
-                                 f"{out[-4000:]}"
+    rc, out, seconds = request.getfixturevalue("smoke_runs").result(bench)
+    if rc is None:
+        pytest.fail(f"bench/{bench}.py --smoke still running after {TIMEOUT_S} s:\n"
+                    f"{out[-4000:]}")
+    assert rc == 0, f"bench/{bench}.py --smoke exited {rc} after {seconds:.0f} s:\n{out[-4000:]}"
     absent = [f for f in figures if not re.search(f, out, re.MULTILINE)]
     assert not absent, f"bench/{bench}.py --smoke printed no line like {absent}:\n{out[-4000:]}"

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import ray
 
-from sppo.config import load_config
+from helpers import demo_config
 from service_fuzz import fuzz_service
-from sppo.driver import DEMO_CONFIG, main, start_service
+from sppo.driver import main, start_service
 
 TOKEN_ENV = "SPPO_TEST_CONTROL_TOKEN"  # left unset: the token is generated into the run dir
 
@@ -34,8 +34,7 @@ OVERRIDES = ["run.rounds=2", "data.max_prompts=128", "data.eval_prompts=8",
 
 
 def _cfg(tmp: Path, *extra: str):
-    return load_config(DEMO_CONFIG, [*OVERRIDES, f"run.output_dir={tmp}",
-                                     f"model.cache_dir={tmp / 'cache'}", *extra])
+    return demo_config(tmp, *OVERRIDES, *extra)
 
 
 class Live:

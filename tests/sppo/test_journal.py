@@ -7,6 +7,9 @@ Llama, a slowed demo judge, two FSDP2 workers) as `python -m sppo.driver` subpro
 global batch that holds the whole round: the round is one optimizer step, and a mean over rows
 does not depend on their order, so a resumed round (journaled rows first) must end within
 float rounding of an uninterrupted one, and a run trained from the journal exactly like it.
+It is also the test of `--resume` after a driver stopped between rounds, or after the trainer
+checkpointed a round the driver did not record (one set of driver runs checks all three: each
+costs a trainer start).
 """
 
 from __future__ import annotations
@@ -263,10 +266,21 @@ def _wait(proc: subprocess.Popen, log: Path, timeout: float = 420) -> str:
 
 
 def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path):
-    args = ["run.rounds=1", f"run.output_dir={tmp_path}", f"run.ray_address={own_cluster.address}",
-            "data.max_prompts=16", "data.eval_prompts=0", "sampling.max_new_tokens=8",
+    """The driver as users run it, `python -m sppo.driver`, against a `ray start --head`
+    cluster of its own that outlives the driver processes:
+
+    A, uninterrupted: two rounds; round 0's journal has one row per prompt and the report's
+    counts. B, the same config SIGKILLed once round 0 has journaled some prompts: the stopped
+    run cannot be resumed under another config; `--resume` generates and judges only the
+    missing prompts, and round 0 ends with A's data and A's weights (up to rounding), then
+    round 1 runs. B again, told that its driver stopped after the trainer checkpointed round 1
+    but before recording it, resumed for a third round: it continues after round 1 without
+    redoing round 0 or 1. C: trained from A's journal, nothing sampled or judged: A's weights.
+    Then A's round 0 exported for a DPO-style trainer."""
+    args = ["run.rounds=2", f"run.output_dir={tmp_path}", f"run.ray_address={own_cluster.address}",
+            "data.max_prompts=32", "data.eval_prompts=0", "sampling.max_new_tokens=8",
             "pools.generator.replicas=1", "pools.generator.batch_size=2",
-            "pools.judge.batch_size=2", "judge.function=test_faults:slower_prefers_more_e",
+            "pools.judge.batch_size=2", "judge.function=judges:slower_prefers_more_e",
             "run.journal_chunk_prompts=2", "trainer.global_batch_size=16",
             "service.enabled=false", f"model.cache_dir={tmp_path / 'cache'}"]
     # A: uninterrupted. Its journal: one row per prompt, the report's counts.
@@ -283,7 +297,7 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
     assert journal_a.counts() == {k: p[k] for k in ("prompts", "annotated", "failed", "rows")}
     assert (p["from_journal"], p["redone"], p["generated"]) == (0, 0, 16)
 
-    # B: SIGKILLed once some prompts were journaled, then resumed.
+    # B: SIGKILLed once some prompts of round 0 were journaled, then resumed.
     b = tmp_path / "b"
     log_b = tmp_path / "b1.log"
     driver = own_cluster.driver([*args, "run.name=b"], log_b)
@@ -334,14 +348,44 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
     moved = _max_diff(wa, {k: base[k] for k in wa})
     assert moved > 1e-4
     assert _max_diff(wa, wb) < 1e-3 * moved, (_max_diff(wa, wb), moved)
+    state = json.loads((b / "state.json").read_text())
+    assert state["completed_rounds"] == 2
+    second = json.loads((b / "rounds" / "round-1.json").read_text())
+    assert second["prompts"]["annotated"] + second["prompts"]["failed"] == 16
+    assert second["sync"]["generator_versions"] == [2]
+    # Starting it again under the same name is refused before anything starts (state.json
+    # names a run there): nothing is overwritten.
+    from sppo.driver import main
+
+    assert main([*args, "run.name=b"]) == 2
+
+    # B's driver stopped after the trainer checkpointed round 1 but before it recorded it
+    # (sync, evaluate): state.json still says 1. The resumed run continues after round 1 (Ray
+    # Train restores its checkpoint) instead of waiting for a round the trainer is past, and
+    # redoes neither round 0 nor round 1.
+    first = (b / "rounds" / "round-0.json").read_text()
+    (b / "state.json").write_text(json.dumps({"completed_rounds": 1, "checkpoint": str(
+        b / "train" / "round-0" / "hf")}))
+    (b / "rounds" / "round-1.json").unlink()
+    text = _wait(own_cluster.driver(["--resume", str(b), "run.rounds=3"], tmp_path / "b3.log"),
+                 tmp_path / "b3.log")
+    assert "round 1/3" not in text and "round 2/3" not in text and "round 3/3" in text
+    state = json.loads((b / "state.json").read_text())
+    assert state["completed_rounds"] == 3 and state["checkpoint"].endswith("round-2/hf")
+    third = json.loads((b / "rounds" / "round-2.json").read_text())
+    assert third["sync"]["generator_versions"] == [3]
+    assert (b / "rounds" / "round-0.json").read_text() == first  # not redone
+    assert not (b / "rounds" / "round-1.json").exists()  # adopted, not redone
 
     # C: trained from A's journal, nothing sampled or judged: A's weights.
     c = tmp_path / "c-run"
-    text = _wait(own_cluster.driver([*args, "run.name=c-run", f"data.annotated={a}"],
+    text = _wait(own_cluster.driver([*args, "run.name=c-run", "run.rounds=1",
+                                     f"data.annotated={a / 'rounds' / 'round-0'}"],
                                     tmp_path / "c.log"), tmp_path / "c.log")
     assert "no sampling or judging" in text and "Generator" not in text
     pc = json.loads((c / "rounds" / "round-0.json").read_text())["prompts"]
-    assert (pc["from_journal"], pc["generated"], pc["annotated"]) == (16, 0, p["annotated"])
+    assert (pc["from_journal"], pc["generated"], pc["annotated"]) == (16, 0, report_a[
+        "prompts"]["annotated"])
     assert _max_diff(wa, _weights(c)) < 1e-3 * moved
 
     # Export of A's round for a DPO-style trainer.

