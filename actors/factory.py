@@ -1,60 +1,70 @@
-"""Starting the actors of one pool: resources from its config, placement by role, and a
+"""Starting the actors of one pool: resources from its config, the nodes the caller names, and a
 placement group per actor for tensor parallelism.
 
-`ActorFactory(actor_cls, role, pool, args)` is the zero-argument callable a pool calls to start
-one actor (`actors.pool.ActorPool`); `release()` removes the placement groups it made (the pool
-calls it at shutdown). Used by the generator and the judge pools (`actors.generator`,
-`actors.judge`); what differs between them is only the actor class, its arguments and the role.
+`ActorFactory(actor_cls, pool, args, label_selector=...)` is the zero-argument callable a pool
+calls to start one actor (`actors.dispatch.ActorDispatcher`); `release()` removes the placement
+groups it made (the pool calls it at shutdown). Used by the generator and the judge pools
+(`actors.generator`, `actors.judge`); what differs between them is the actor class, its
+arguments and the nodes it may use.
 
-Not here: what the actors do, or scaling decisions.
+Not here: which nodes a role runs on (the cluster layer decides, `cluster.placement`, and passes
+the decision in as `label_selector`), what the actors do, scaling decisions.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from sppo.config import PoolConfig
 
-__all__ = ["ActorFactory"]
+__all__ = ["ActorFactory", "LabelSelector", "anywhere"]
+
+# The Ray node labels an actor must run on ({"role": "generator"}), or None for anywhere; asked
+# once per actor started, since nodes join and leave.
+LabelSelector = Callable[[], Optional[dict[str, str]]]
+
+
+def anywhere() -> None:
+    """The `LabelSelector` of a cluster without role labels: any node."""
+    return None
 
 
 class ActorFactory:
-    """`factory()` starts one `actor_cls(*args)` actor with `pool`'s resources, on `role`
-    nodes of a role-labelled cluster (looked up per actor: nodes join and leave), anywhere
-    otherwise. Retries are the pool's job (it re-dispatches a dead actor's batch):
-    `max_task_retries=0`. `max_concurrency` > 1 makes the actor threaded (vLLM: concurrent
-    calls share the engine's batch). With `tensor_parallel` each actor gets its own placement
-    group, one bundle per rank, the actor in the first."""
+    """`factory()` starts one `actor_cls(*args)` actor with `pool`'s resources on the nodes
+    `label_selector()` names. Retries are the pool's job (it re-dispatches a dead actor's
+    batch): `max_task_retries=0`. `max_concurrency` > 1 makes the actor threaded (vLLM:
+    concurrent calls share the engine's batch). With `tensor_parallel` each actor gets its own
+    placement group, one bundle per rank, the actor in the first."""
 
-    def __init__(self, actor_cls: type, role: str, pool: PoolConfig, args: tuple, *,
-                 max_concurrency: int = 1, tensor_parallel: bool = False):
-        self._actor_cls, self._role, self._pool, self._args = actor_cls, role, pool, args
+    def __init__(self, actor_cls: type, pool: PoolConfig, args: tuple, *,
+                 label_selector: LabelSelector = anywhere, max_concurrency: int = 1,
+                 tensor_parallel: bool = False):
+        self._actor_cls, self._pool, self._args = actor_cls, pool, args
+        self._label_selector = label_selector
         self._max_concurrency = max_concurrency
         self._tensor_parallel = tensor_parallel
         self._placement_groups: list = []
 
     def __call__(self) -> ActorHandle:
-        from cluster.placement import actor_options
-
         p = self._pool
-        options: dict[str, Any] = actor_options(self._role, p.num_cpus, p.num_gpus)
-        options.update(max_restarts=p.max_restarts, max_task_retries=0)
+        options: dict[str, Any] = {"num_cpus": p.num_cpus, "num_gpus": p.num_gpus,
+                                   "max_restarts": p.max_restarts, "max_task_retries": 0}
+        selector = self._label_selector()
         if self._max_concurrency > 1:
             options["max_concurrency"] = self._max_concurrency
         if self._tensor_parallel:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
             # On GPUs vLLM starts one Ray worker per GPU bundle inside this group (the actor
-            # captures its child tasks); on CPU (vLLM's multiprocessing executor) the bundles
-            # reserve each rank's CPUs for the worker processes the actor starts. The group,
-            # not the actor, carries the placement.
+            # captures its child tasks; read in vLLM 0.33's `RayExecutorV2`, not run on a GPU);
+            # on CPU (vLLM's multiprocessing executor, run here) the bundles reserve each
+            # rank's CPUs for the worker processes the actor starts. The group, not the actor,
+            # carries the placement.
             unit = {"GPU": 1.0} if p.num_gpus > 0 else {"CPU": p.num_cpus}
             bundles = [{**unit, "CPU": p.num_cpus}] + [unit] * (p.tensor_parallel_size - 1)
-            selector = options.pop("label_selector", None)
             pg = placement_group(bundles, strategy="PACK", **(
                 {"bundle_label_selector": [selector] * len(bundles)} if selector else {}))
             self._placement_groups.append(pg)
@@ -62,11 +72,11 @@ class ActorFactory:
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
                                placement_group=pg, placement_group_bundle_index=0,
                                placement_group_capture_child_tasks=True))
+        elif selector is not None:
+            options["label_selector"] = selector
         return ray.remote(self._actor_cls).options(**options).remote(*self._args)
 
     def release(self) -> None:
-        from ray.util.placement_group import remove_placement_group
-
         for pg in self._placement_groups:
             remove_placement_group(pg)
         self._placement_groups.clear()

@@ -8,22 +8,22 @@
   way (the actor is stale until re-synced, never stamped with a version on partial weights).
   `chat` answers the control service's chat requests with the current weights.
 - `make_generator_factory`: builds actors with resources from the config through `.options()`,
-  on `role: generator` nodes (`cluster.placement`); a vLLM generator is a threaded actor (its
-  engine batches concurrent calls), and with tensor parallelism it gets a placement group
-  with one bundle per rank.
-- `GeneratorPool`: the generic `ActorPool` with prompts in and records out; splits prompts into
-  batches of `pools.generator.batch_size`, turns a batch the pool gave up on into `Failed`
-  records, and owns the object-store weight broadcast and the re-sync of new or restarted
-  actors to the latest weights.
+  on the nodes the caller's `label_selector` names (the cluster layer decides placement); a
+  vLLM generator is a threaded actor (its engine batches concurrent calls), and with tensor
+  parallelism it gets a placement group with one bundle per rank.
+- `GeneratorPool`: a `Pool` with prompts in and records out; splits prompts into batches of
+  `pools.generator.batch_size`, turns a batch the pool gave up on into `Failed` records, and
+  owns the object-store weight broadcast and the re-sync of new or restarted actors to the
+  latest weights.
 
 Three ways weights arrive (see `GenerationEngine`): the trainer's collective sync
 (`weight_receivers`, `join_weight_group`, `receive_weights`; driven by
-`actors.weight_sync.CollectiveHandOff` from trainer rank 0), a checkpoint directory
+`actors.weights.sender.CollectiveHandOff` from trainer rank 0), a checkpoint directory
 (`reload_weights`), and object-store buckets (`load_buckets`, or `start_weight_update`,
 `update_weights` per bucket, `finish_weight_update`; HF engine only, vLLM takes empty ones).
 
 Not here: the transports (`actors.weights`), scaling policy, and the dispatch itself
-(`actors/pool.py`).
+(`actors.dispatch`).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
+from actors.dispatch import ActorDispatcher, NeedsPrepare
 from actors.engines.generation import GenerationEngine, Record
+from actors.engines.hf_generator import HFGenerationEngine
 from actors.engines.vllm_engine import EngineDead
-from actors.batched_pool import BatchedPool
-from actors.factory import ActorFactory
-from actors.pool import ActorPool, NeedsPrepare
+from actors.engines.vllm_generator import VLLMGenerationEngine  # does not import vLLM
+from actors.factory import ActorFactory, LabelSelector, anywhere
+from actors.pool import Pool
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Prompt
 
@@ -208,7 +210,7 @@ class Generator:
                 self._engine.update_weights(ray.get(ref))
             return self._engine.finish_weight_update(version)
 
-    # The collective sync from trainer rank 0 (actors.weight_sync.CollectiveHandOff).
+    # The collective sync from trainer rank 0 (actors.weights.sender.CollectiveHandOff).
 
     def weight_receivers(self) -> int:
         """How many processes join the weight group for this generator (vLLM: one per
@@ -250,54 +252,53 @@ class Generator:
 
 
 def make_generator_factory(model_path: str, sampling: SamplingConfig, gen: GeneratorConfig,
-                           pool: PoolConfig, *, dtype: str = "float32") -> ActorFactory:
+                           pool: PoolConfig, *, dtype: str = "float32",
+                           label_selector: LabelSelector = anywhere) -> ActorFactory:
     """A zero-argument callable that starts one generator actor per call.
 
     `model_path` is a model directory every node can read (resolve `builtin:` names first);
-    `dtype` is `model.dtype`. Both backends run on CUDA when `pool.num_gpus > 0`, else on
+    `dtype` is `model.dtype`; `label_selector()` names the nodes an actor may run on (asked per
+    actor: nodes join and leave). Both backends run on CUDA when `pool.num_gpus > 0`, else on
     CPU."""
     common = dict(k=sampling.k, temperature=sampling.temperature, top_p=sampling.top_p,
                   max_new_tokens=sampling.max_new_tokens, seed=sampling.seed,
                   return_logprobs=sampling.return_logprobs, dtype=dtype)
     if gen.backend == "vllm":
-        from actors.engines.vllm_generator import VLLMGenerationEngine  # does not import vllm
-
         build = functools.partial(
             VLLMGenerationEngine, model_path, **common, use_gpu=pool.num_gpus > 0,
             tensor_parallel_size=pool.tensor_parallel_size,
             gpu_memory_utilization=gen.gpu_memory_utilization, kv_cache_gb=gen.kv_cache_gb,
             enforce_eager=gen.enforce_eager, max_model_len=gen.max_model_len)
         # Room for the pool's in-flight batches plus chats, weight calls and status reads.
-        return ActorFactory(Generator, "generator", pool, (build,),
+        return ActorFactory(Generator, pool, (build,), label_selector=label_selector,
                             tensor_parallel=pool.tensor_parallel_size > 1,
                             max_concurrency=pool.max_in_flight + 4)
     if pool.tensor_parallel_size > 1:
         raise ValueError("pools.generator.tensor_parallel_size > 1 needs generator.backend "
                          f"'vllm' (got {gen.backend!r})")
-    from actors.engines.hf_generator import HFGenerationEngine
-
     build = functools.partial(HFGenerationEngine, model_path, **common,
                               device="cuda" if pool.num_gpus > 0 else "cpu")
-    return ActorFactory(Generator, "generator", pool, (build,))
+    return ActorFactory(Generator, pool, (build,), label_selector=label_selector)
 
 
-class GeneratorPool(BatchedPool):
-    """Generator actors behind an `ActorPool`: prompts in, one record per prompt out.
+class GeneratorPool(Pool):
+    """Generator actors: prompts in, one record per prompt out.
 
-    `prepare(actor)` replaces the built-in re-sync (object-store buckets of the latest
-    `broadcast_object_store`, or the checkpoint of the latest collective sync) run on every new
-    or restarted actor before it takes work."""
+    `prepare(actor)` replaces the built-in re-sync (the object-store buckets of the latest
+    `broadcast_buckets`, or the checkpoint of the latest sync) run on every new or restarted
+    actor before it takes work."""
 
     stage = "generate"
 
     def __init__(self, factory: Callable[[], ActorHandle], pool_cfg: PoolConfig,
                  prepare: Optional[Callable[[ActorHandle], None]] = None, *,
-                 pool_cls: type = ActorPool):
+                 dispatcher_cls: type = ActorDispatcher):
         self._user_prepare = prepare
         self._buckets: Optional[list] = None  # ObjectRefs of the latest broadcast
-        self._checkpoint: Optional[str] = None  # HF dir of the latest collective sync
+        self._checkpoint: Optional[str] = None  # HF dir of the latest version's checkpoint
         self._version = 0
-        super().__init__(factory, pool_cfg, prepare=self._prepare, pool_cls=pool_cls)
+        super().__init__(factory, pool_cfg, prepare=self._prepare,
+                         dispatcher_cls=dispatcher_cls)
 
     def _call(self, actor: ActorHandle, batch: list[Prompt]) -> "ray.ObjectRef":
         return actor.generate.remote(batch)
@@ -328,20 +329,22 @@ class GeneratorPool(BatchedPool):
 
     # ------------------------------------------------------------------ weights
 
-    def broadcast_object_store(self, state: dict[str, np.ndarray], version: int,
-                               bucket_mb: float) -> None:
-        """Send `state` to every actor through the object store, in buckets of about
-        `bucket_mb` MiB each put once; blocks until all have version `version`. The buckets
-        stay in the object store until the next broadcast, to re-sync actors that join or
-        restart later. Call it between rounds."""
+    def broadcast_buckets(self, buckets: list, version: int,
+                          checkpoint_dir: Optional[str] = None) -> None:
+        """Load object-store buckets (ObjectRefs of `{name: array}`, put once, e.g. by
+        trainer rank 0: `actors.weights.object_store`) into every actor; blocks until each
+        holds `version` or has died (a dead one is synced before its next batch). The refs are
+        kept to re-sync actors that join or restart later, and `checkpoint_dir` (the same
+        weights on disk) for when the refs are gone with their owner. Call it between
+        rounds."""
         with self._lock:  # no resize or chat pick in between: every actor gets the update
-            if self._pool.num_pending():
-                raise RuntimeError(f"broadcast with {self._pool.num_pending()} batch(es) "
+            if self._dispatcher.num_pending():
+                raise RuntimeError(f"broadcast with {self._dispatcher.num_pending()} batch(es) "
                                    "pending: drain the pool first so no batch mixes two "
                                    "weight versions")
-            self._buckets = [ray.put(b) for b in _buckets(state, int(bucket_mb * 2**20))]
-            self._version, self._checkpoint = version, None
-            for actor, ref in [(a, self._push(a)) for a in self._pool.actors()]:
+            self._buckets = list(buckets)
+            self._version, self._checkpoint = version, checkpoint_dir
+            for actor, ref in [(a, self._push(a)) for a in self._dispatcher.actors()]:
                 try:
                     ray.get(ref)
                 except RayActorError as exc:
@@ -358,7 +361,7 @@ class GeneratorPool(BatchedPool):
         """Bring every live actor to the current version now (those that joined after a
         collective broadcast named its receivers reload the checkpoint)."""
         with self._lock:
-            for actor in self._pool.actors():
+            for actor in self._dispatcher.actors():
                 try:
                     self._prepare(actor)
                 except RayActorError as exc:  # restarted or replaced: prepared before work
@@ -376,22 +379,20 @@ class GeneratorPool(BatchedPool):
         version, stale = ray.get([actor.weight_version.remote(), actor.is_stale.remote()])
         if version == self._version and not stale:
             return
+        if self._buckets is not None:
+            try:
+                ray.get(self._push(actor))
+                return
+            except RayActorError:
+                raise
+            except ray.exceptions.RayError as exc:  # e.g. the buckets' owner is gone
+                if self._checkpoint is None:
+                    raise
+                log.warning("generator %s: the object-store buckets of version %d are gone "
+                            "(%s); reloading %s", actor, self._version, exc, self._checkpoint)
         if self._checkpoint is not None:
             ray.get(actor.reload_weights.remote(self._checkpoint, self._version))
             return
-        # The latest broadcast; before any, an empty update (the weights it was built with are
-        # the current ones) whose finish clears the stale flag.
+        # Before any sync: an empty update (the weights it was built with are the current
+        # ones) whose finish clears the stale flag.
         ray.get(self._push(actor))
-
-
-def _buckets(state: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
-    """Split `state` in order into dicts of at most `limit` bytes (a larger tensor alone)."""
-    out: list[dict[str, np.ndarray]] = []
-    size = 0
-    for name, arr in state.items():
-        if not out or (out[-1] and size + arr.nbytes > limit):
-            out.append({})
-            size = 0
-        out[-1][name] = arr
-        size += arr.nbytes
-    return out

@@ -14,11 +14,12 @@
   vLLM engine core died ends its process so that Ray restarts it with a new engine.
 - `make_engine_factory` / `make_judge_factory`: the only place where `judge.backend` picks an
   engine class (`PairRMEngine`, `RewardModelEngine`, `LLMJudgeEngine`, `PythonJudgeEngine`);
-  actor resources come from `pools.judge` through `.options()`. An LLM judge is a threaded
-  actor (its vLLM engine batches concurrent calls) and, with `tensor_parallel_size` > 1, gets
-  a placement group with one bundle per rank, as the vLLM generators do.
-- `JudgePool`: the generic `ActorPool` with generations in and one record per prompt out,
-  sized and resized independently of the generators.
+  actor resources come from `pools.judge` through `.options()`, the nodes from the caller's
+  `label_selector`. An LLM judge is a threaded actor (its vLLM engine batches concurrent
+  calls) and, with `tensor_parallel_size` > 1, gets a placement group with one bundle per
+  rank, as the vLLM generators do.
+- `JudgePool`: a `Pool` with generations in and one record per prompt out, sized and resized
+  independently of the generators.
 
 Not here: the engines themselves (`actors/engines/`), the maths (`sppo/preference.py`) and
 scaling decisions (a policy outside calls `resize`).
@@ -35,13 +36,18 @@ import numpy as np
 import ray
 from ray.actor import ActorHandle
 
-from actors.batched_pool import BatchedPool
-from actors.factory import ActorFactory
+from actors.dispatch import ActorDispatcher
+from actors.engines.llm_judge import LLMJudgeEngine  # does not import vLLM
+from actors.engines.pairrm import PairRMEngine  # imports llm-blender only when built
+from actors.engines.python_judge import PythonJudgeEngine
+from actors.engines.reward_model import RewardModelEngine
 from actors.engines.vllm_engine import EngineDead
-from actors.pool import ActorPool
+from actors.factory import ActorFactory, LabelSelector, anywhere
+from actors.pool import Pool
 from sppo.config import JudgeConfig, PoolConfig
 from sppo.preference import check_finite, preference_matrix, win_rates
 from sppo.records import Annotated, Failed, Generation
+from sppo.tiny import resolve_model_path
 
 __all__ = ["PreferenceEngine", "annotate", "Judge", "make_engine_factory",
            "make_judge_factory", "JudgePool"]
@@ -143,23 +149,16 @@ def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None,
                         tensor_parallel_size: int = 1) -> Callable[[], PreferenceEngine]:
     """A picklable zero-argument callable building the engine `cfg.backend` names."""
     if cfg.backend == "pairrm":
-        from actors.engines.pairrm import PairRMEngine
-
         return functools.partial(
             PairRMEngine, cfg.model_path, backbone=cfg.backbone, batch_size=cfg.batch_size,
             source_max_length=cfg.source_max_length,
             candidate_max_length=cfg.candidate_max_length, dtype=cfg.dtype, device=device)
     if cfg.backend == "reward_model":
-        from actors.engines.reward_model import RewardModelEngine
-
         return functools.partial(
             RewardModelEngine, cfg.model_path, batch_size=cfg.batch_size,
             source_max_length=cfg.source_max_length,
             candidate_max_length=cfg.candidate_max_length, dtype=cfg.dtype, device=device)
     if cfg.backend == "llm":
-        from actors.engines.llm_judge import LLMJudgeEngine  # does not import vllm
-        from sppo.tiny import resolve_model_path
-
         # `builtin:tiny-llama` (the demo's tiny judge) is built here, in the driver's cache,
         # as the policy's is; other paths pass through.
         return functools.partial(
@@ -174,34 +173,34 @@ def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None,
         raise ValueError(f"pools.judge.tensor_parallel_size > 1 needs judge.backend 'llm' "
                          f"(got {cfg.backend!r})")
     if cfg.backend == "python":
-        from actors.engines.python_judge import PythonJudgeEngine
-
         return functools.partial(PythonJudgeEngine, cfg.function, returns=cfg.function_returns)
     raise ValueError(f"judge.backend must be 'pairrm', 'reward_model', 'llm' or 'python', "
                      f"got {cfg.backend!r}")
 
 
-def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig) -> ActorFactory:
-    """A callable that starts one `Judge` actor per call, with `pools.judge`'s resources; the
-    engine runs on CUDA when `pool.num_gpus > 0`, else on CPU."""
+def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig, *,
+                       label_selector: LabelSelector = anywhere) -> ActorFactory:
+    """A callable that starts one `Judge` actor per call, with `pools.judge`'s resources, on
+    the nodes `label_selector()` names; the engine runs on CUDA when `pool.num_gpus > 0`, else
+    on CPU."""
     build = make_engine_factory(cfg, device="cuda" if pool.num_gpus > 0 else "cpu",
                                 tensor_parallel_size=pool.tensor_parallel_size)
     if cfg.backend == "llm":
         # Room for the pool's in-flight batches plus compare and counters calls.
-        return ActorFactory(Judge, "judge", pool, (build, cfg.preference),
+        return ActorFactory(Judge, pool, (build, cfg.preference), label_selector=label_selector,
                             max_concurrency=pool.max_in_flight + 2,
                             tensor_parallel=pool.tensor_parallel_size > 1)
-    return ActorFactory(Judge, "judge", pool, (build, cfg.preference))
+    return ActorFactory(Judge, pool, (build, cfg.preference), label_selector=label_selector)
 
 
-class JudgePool(BatchedPool):
-    """Judge actors behind an `ActorPool`: generations in, one record per prompt out."""
+class JudgePool(Pool):
+    """Judge actors: generations in, one record per prompt out."""
 
     stage = "judge"
 
     def __init__(self, factory: Callable[[], ActorHandle], pool_cfg: PoolConfig, *,
-                 pool_cls: type = ActorPool):
-        super().__init__(factory, pool_cfg, pool_cls=pool_cls)
+                 dispatcher_cls: type = ActorDispatcher):
+        super().__init__(factory, pool_cfg, dispatcher_cls=dispatcher_cls)
 
     def _call(self, actor: ActorHandle, batch: list[Generation]) -> "ray.ObjectRef":
         return actor.judge.remote(batch)

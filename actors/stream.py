@@ -17,15 +17,10 @@ One `TrainStream` actor per job, created by the driver (`create_stream`). Three 
 
 Equal work on every rank, so FSDP collectives never hang: the actor forms each optimizer step's
 global batch once (the first rank to ask triggers it) and every rank gets its slice, all slices
-the same length. A step takes `global_batch_size` rows in arrival order; when the producers have
-finished, the last step takes what is left rounded down to a multiple of the world size, and the
-remainder (< world size rows) is dropped with reason `remainder_after_even_split`. Dropping,
-not carrying over: the rows were sampled from this round's policy, so training on them next
-round would be off-policy. `carried_over` is therefore always 0; it is reported so that the
-accounting `rows_put == rows_trained + carried_over + sum(dropped)` reads complete. Rows that
-cannot fit `max_length` are dropped (or cut) at `put` time, see `sppo.rows.fit_row`.
+the same length (`actors.steps.RoundRows`: how rows become steps, the remainder dropped, the
+epochs after the first). Rows that cannot fit `max_length` are dropped (or cut) at `put` time,
+see `sppo.rows.fit_row`.
 
-With `epochs > 1`, later epochs replay the rows trained in epoch 0, reshuffled (seeded).
 A restarted worker group resumes from the last round checkpoint; `attach` then rewinds the
 round in progress so its rows are trained again from the round-start weights (they were lost
 with the failed workers' weights), never twice into the same weights. `round_redone` says what a
@@ -41,6 +36,9 @@ trainer; `wait_round` raises for a round the driver skipped and returns None aft
 and no producer is active, and `TrainerRun.wait_round_done` raises that message.
 
 The class is plain asyncio (tested without Ray); `create_stream` makes it a Ray async actor.
+What it keeps per round: its rows and steps (`RoundRows`), its lifecycle (begun, producers
+done, handed over; restarts and what they redid; what producers and ranks are doing, for
+`stalled`), the step metrics rank 0 logs, and the generators a collective sync sends to.
 Not here: the training itself (`actors.trainer`) and building rows (`sppo.rows`).
 """
 
@@ -48,17 +46,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from actors.steps import RoundRows, StepSlice
+from actors.weights import HandOffResult
 from sppo.records import TrainRow
-from sppo.rows import TRUNCATED, deal_to_ranks, fit_row
 
 __all__ = ["RoundSpec", "StepSlice", "RoundResult", "TrainStream", "create_stream"]
-
-REMAINDER = "remainder_after_even_split"
 
 
 @dataclass(frozen=True)
@@ -70,45 +66,21 @@ class RoundSpec:
 
 
 @dataclass
-class StepSlice:
-    """One rank's share of one optimizer step."""
-
-    step: int
-    epoch: int
-    rows: list[TrainRow]  # this rank's rows, sorted by length; same count on every rank
-    global_rows: int  # rows in the step over all ranks (the loss is their mean)
-
-
-@dataclass
 class RoundResult:
     """What rank 0 hands the driver at the end of a round."""
 
     round_index: int
     report: dict[str, Any]  # counts and mean metrics of the round
-    weights: Any  # ObjectRef of {name: np.ndarray} full weights (None if handed off otherwise)
+    hand_off: HandOffResult  # what the weights' hand-off did (and the object-store buckets)
     checkpoint_path: str  # the round's checkpoint directory; `<path>/hf` loads with from_pretrained
 
 
 @dataclass
 class _Round:
     spec: RoundSpec
-    buffer: collections.deque = field(default_factory=collections.deque)  # epoch-0 rows waiting
-    producers_done: bool = False
-    trained: list[TrainRow] = field(default_factory=list)  # epoch-0 rows placed in steps, in order
-    replay: collections.deque = field(default_factory=collections.deque)  # epoch >= 1 rows waiting
-    epoch: int = 0
-    next_form: int = 0  # the next step to form
-    steps: dict[int, Optional[list[list[TrainRow]]]] = field(default_factory=dict)
-    fetched: dict[int, set[int]] = field(default_factory=dict)
-    epoch_of_step: dict[int, int] = field(default_factory=dict)
-    rows_put: int = 0
-    rows_trained: int = 0  # epoch-0 rows placed in steps
-    truncated: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    rows: RoundRows
     result: Optional[RoundResult] = None
-    handed_steps: int = 0  # steps every rank has received (since the last rewind)
-    handed_rows: int = 0  # rows in those steps, all ranks
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # rank 0's, per step
     restarts: int = 0  # worker groups that restarted while this round was unfinished
     steps_redone: int = 0  # steps every rank had received before those restarts
     rows_redone: int = 0  # rows in those steps (their training was lost: trained again)
@@ -159,7 +131,7 @@ class TrainStream:
                 raise ValueError(f"round {round_index} must come after round {self._current}")
             if self._finished:
                 raise RuntimeError("the stream is finished")
-            self._rounds[round_index] = _Round(RoundSpec(round_index, expected_rows))
+            self._rounds[round_index] = self._new_round(RoundSpec(round_index, expected_rows))
             self._current = round_index
             self._cond.notify_all()
 
@@ -171,8 +143,8 @@ class TrainStream:
         async with self._cond:
             if self._current is not None:
                 raise RuntimeError(f"mark_done({round_index}) after round {self._current} began")
-            r = _Round(RoundSpec(round_index, 0))
-            r.result = RoundResult(round_index, {}, None, checkpoint_path)
+            r = self._new_round(RoundSpec(round_index, 0))
+            r.result = RoundResult(round_index, {}, HandOffResult(), checkpoint_path)
             self._rounds[round_index] = r
             self._current = round_index
             self._cond.notify_all()
@@ -231,7 +203,7 @@ class TrainStream:
         async with self._cond:
             r = self._round(round_index)
             idle = time.monotonic() - r.producer_at
-            if r.result is not None or r.producers_done or r.putting or idle < idle_s:
+            if r.result is not None or r.rows.producers_done or r.putting or idle < idle_s:
                 return None
             by_step = collections.defaultdict(list)
             for rank, step in sorted(r.waiting.items()):
@@ -240,7 +212,8 @@ class TrainStream:
                               f"waiting for step {step}" for step, rs in sorted(by_step.items())
                               ) or "no trainer rank waiting for rows yet"
             return (f"round {round_index} cannot finish: end_round({round_index}) was never "
-                    f"called ({r.rows_put} rows put, {len(r.buffer)} buffered; {ranks}) and no "
+                    f"called ({r.rows.rows_put} rows put, {len(r.rows.buffer)} buffered; "
+                    f"{ranks}) and no "
                     f"producer has put rows for {idle:.1f} s")
 
     async def step_metrics(self, round_index: int, start: int = 0) -> list[dict[str, Any]]:
@@ -253,9 +226,9 @@ class TrainStream:
             if r is None:
                 return {"round": None, "finished": self._finished}
             return {"round": self._current, "finished": self._finished,
-                    "buffered": len(r.buffer), "producers_done": r.producers_done,
-                    "steps_formed": r.next_form, "done": r.result is not None,
-                    **self._counts(r)}
+                    "buffered": len(r.rows.buffer), "producers_done": r.rows.producers_done,
+                    "steps_formed": r.rows.next_form, "done": r.result is not None,
+                    **r.rows.counts()}
 
     # ------------------------------------------------------------------ producers
 
@@ -264,7 +237,7 @@ class TrainStream:
         async with self._cond:
             self._check_aborted()
             r = self._round(round_index)
-            if r.producers_done:
+            if r.rows.producers_done:
                 raise RuntimeError(f"put after end_round({round_index})")
             r.putting += 1  # a put blocked on a full buffer is a producer at work (`stalled`)
             r.producer_at = time.monotonic()
@@ -274,17 +247,14 @@ class TrainStream:
                             row.is_pair and row.rejected_ref_logp is None)):
                         raise ValueError(f"row of prompt {row.prompt_id!r} has no sampled-token "
                                          f"reference log-prob (trainer.reference = 'sampled')")
-                    r.rows_put += 1
-                    fitted, note = fit_row(row, self._max_length, cut_ok=not self._sampled_ref,
-                                           pair=self._pair)
+                    fitted = r.rows.fit(row, self._max_length, cut_ok=not self._sampled_ref,
+                                        pair=self._pair)
                     if fitted is None:
-                        r.dropped[note] += 1
                         continue
-                    r.truncated += note == TRUNCATED
                     await self._cond.wait_for(
-                        lambda: len(r.buffer) < self._capacity or self._aborted)
+                        lambda: len(r.rows.buffer) < self._capacity or self._aborted)
                     self._check_aborted()
-                    r.buffer.append(fitted)
+                    r.rows.buffer.append(fitted)
                     self._cond.notify_all()
             finally:
                 r.putting -= 1
@@ -293,7 +263,7 @@ class TrainStream:
     async def end_round(self, round_index: int) -> None:
         async with self._cond:
             r = self._round(round_index)
-            r.producers_done, r.producer_at = True, time.monotonic()
+            r.rows.producers_done, r.producer_at = True, time.monotonic()
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ workers
@@ -327,31 +297,20 @@ class TrainStream:
         async with self._cond:
             r = self._round(round_index)
             try:
-                while step not in r.steps:
+                while step not in r.rows.steps:
                     self._check_generation(generation)
-                    if step < r.next_form or r.result is not None:
+                    if step < r.rows.next_form or r.result is not None:
                         # Forming more steps would never bring it back (an endless loop).
                         raise RuntimeError(f"round {round_index} step {step} was already "
                                            f"handed to every rank (rank {rank} asks again)")
-                    if step > r.next_form or not self._form_next(r):
+                    if step > r.rows.next_form or not r.rows.form_next():
                         r.waiting[rank] = step  # reported by `stalled`
                         await self._cond.wait()
             finally:
                 r.waiting.pop(rank, None)
             self._check_generation(generation)
             self._cond.notify_all()
-            ranks = r.steps[step]
-            seen = r.fetched.setdefault(step, set())
-            seen.add(rank)
-            if len(seen) == self._world:  # everyone has it: free the rows
-                del r.steps[step], r.fetched[step]
-                if ranks is not None:
-                    r.handed_steps += 1
-                    r.handed_rows += self._world * len(ranks[0])
-            if ranks is None:
-                return None
-            return StepSlice(step=step, epoch=r.epoch_of_step[step], rows=ranks[rank],
-                             global_rows=self._world * len(ranks[rank]))
+            return r.rows.take(step, rank)
 
     async def log_step(self, round_index: int, metrics: dict[str, Any]) -> None:
         async with self._cond:
@@ -359,7 +318,7 @@ class TrainStream:
 
     async def round_counts(self, round_index: int) -> dict[str, Any]:
         async with self._cond:
-            return self._counts(self._round(round_index))
+            return self._round(round_index).rows.counts()
 
     async def round_redone(self, round_index: int) -> dict[str, int]:
         """What worker-group restarts made round `round_index` redo: `worker_restarts`, and the
@@ -374,7 +333,7 @@ class TrainStream:
         async with self._cond:
             r = self._round(result.round_index)
             r.result = result
-            r.trained, r.replay = [], collections.deque()  # the rows are no longer needed
+            r.rows.release()
             self._sync_targets.pop(result.round_index, None)
             self._cond.notify_all()
 
@@ -391,11 +350,12 @@ class TrainStream:
             self._generation += 1
             r = self._rounds.get(next_round)
             if r is not None and r.result is None:
+                steps, rows = r.rows.rewind()
+                r.metrics.clear()
                 if restart:
                     r.restarts += 1
-                    r.steps_redone += r.handed_steps
-                    r.rows_redone += r.handed_rows
-                self._rewind(r)
+                    r.steps_redone += steps
+                    r.rows_redone += rows
             self._cond.notify_all()
             prev = self._rounds.get(next_round - 1)
             hand_over_again = prev is not None and prev.result is None
@@ -441,56 +401,9 @@ class TrainStream:
             raise RuntimeError(f"stale trainer worker (generation {generation}, current "
                                f"{self._generation})")
 
-    def _form_next(self, r: _Round) -> bool:
-        """Form step `r.next_form` if the rows for it are there; False means wait."""
-        while True:
-            source = r.buffer if r.epoch == 0 else r.replay
-            if len(source) >= self._gbs:
-                return self._place(r, [source.popleft() for _ in range(self._gbs)])
-            if r.epoch == 0 and not r.producers_done:
-                return False
-            keep = len(source) - len(source) % self._world
-            if keep:
-                rows = [source.popleft() for _ in range(keep)]
-                if source:  # epoch 0 only: replayed epochs hold a multiple of the world
-                    r.dropped[REMAINDER] += len(source)
-                    source.clear()
-                return self._place(r, rows)
-            if source:
-                r.dropped[REMAINDER] += len(source)
-                source.clear()
-            if r.epoch + 1 < self._epochs and r.trained:
-                r.epoch += 1
-                replay = list(r.trained)
-                random.Random(f"{self._seed}-{r.spec.round_index}-{r.epoch}").shuffle(replay)
-                r.replay = collections.deque(replay)
-                continue
-            r.steps[r.next_form] = None  # end of round
-            r.next_form += 1
-            return True
-
-    def _place(self, r: _Round, rows: list[TrainRow]) -> bool:
-        if r.epoch == 0:
-            r.trained.extend(rows)
-            r.rows_trained += len(rows)
-        r.steps[r.next_form] = deal_to_ranks(rows, self._world)
-        r.epoch_of_step[r.next_form] = r.epoch
-        r.next_form += 1
-        return True
-
-    def _rewind(self, r: _Round) -> None:
-        r.buffer.extendleft(reversed(r.trained))
-        r.trained, r.replay = [], collections.deque()
-        r.rows_trained, r.epoch, r.next_form = 0, 0, 0
-        r.handed_steps, r.handed_rows = 0, 0
-        r.steps.clear(), r.fetched.clear(), r.epoch_of_step.clear()
-        r.dropped.pop(REMAINDER, None)
-        r.metrics.clear()
-
-    def _counts(self, r: _Round) -> dict[str, Any]:
-        return {"rows_put": r.rows_put, "rows_trained": r.rows_trained, "carried_over": 0,
-                "dropped": dict(r.dropped), "truncated": r.truncated,
-                "steps": len(r.epoch_of_step)}
+    def _new_round(self, spec: RoundSpec) -> _Round:
+        return _Round(spec, RoundRows(spec.round_index, self._world, self._gbs, self._epochs,
+                                      self._seed))
 
 
 def create_stream(*, world_size: int, global_batch_size: int, buffer_rows: int, epochs: int,

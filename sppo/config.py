@@ -1,4 +1,5 @@
 """Typed configuration: one frozen dataclass per component, loaded from YAML.
+Over 400 lines: one dataclass per section with each field documented where it is declared.
 
 `load_config(path, overrides)` reads a YAML file, applies `a.b.c=value` overrides (values are
 parsed as YAML scalars, so `3`, `0.5`, `true` and `null` get their natural types), builds the
@@ -7,8 +8,9 @@ errors) and runs the one `validate()` that checks values. Every error names the 
 and the offending value; all problems are collected and reported together so a user fixes a
 config in one pass.
 
-Deliberately not here: anything that needs the cluster (resource checks against live nodes
-live in the driver) or the filesystem beyond reading the YAML file.
+The value rules (ranges, fields one backend needs) are in `sppo.config_checks`. Deliberately
+not here: anything that needs the cluster (resource checks against live nodes live in
+`cluster.placement`) or the filesystem beyond reading the YAML file.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+from sppo.config_checks import check_values, logger_names
 
 __all__ = [
     "ConfigError",
@@ -43,7 +47,16 @@ __all__ = [
     "to_dict",
     "dump_yaml",
     "apply_overrides",
+    "DEFAULT_JUDGE_TEMPLATE",
+    "logger_names",
 ]
+
+# The LLM judge's default pairwise question (`judge.template: null`), a Jinja file shipped with
+# the package.
+DEFAULT_JUDGE_TEMPLATE = Path(__file__).resolve().parent / "templates" / "pairwise.jinja"
+
+# Keys renamed since a config could have named them: the error names the new key.
+RENAMED = {"data.annotated": "data.from_journal"}
 
 
 class ConfigError(ValueError):
@@ -93,7 +106,7 @@ class DataConfig:
     # or one round's journal directory (then run.rounds must be 1). No generator or judge
     # starts and nothing is evaluated; each prompt's rows are rebuilt from its responses and
     # P for this config's trainer.selection. null: sample and judge.
-    annotated: Optional[str] = None
+    from_journal: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ class JudgeConfig:
     candidate_max_length: int = 412
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # llm only. A Jinja file rendering the user turn from prompt, response_a, response_b,
-    # label_a, label_b (null: actors/engines/templates/pairwise.jinja); the judge model's chat
+    # label_a, label_b (null: sppo/templates/pairwise.jinja); the judge model's chat
     # template wraps it. P(A beats B) = P(label_a) / (P(label_a) + P(label_b)) at the answer
     # position, each label counted as "A" and " A" where those are single tokens.
     template: Optional[str] = None
@@ -280,7 +293,7 @@ class RunConfig:
     journal: bool = True
     journal_chunk_prompts: int = 64
     journal_flush_s: float = 60.0
-    # A journal chunk that does not read (on --resume, or data.annotated): stop the run before
+    # A journal chunk that does not read (on --resume, or data.from_journal): stop the run before
     # it starts ("error"), or report it, rename it *.corrupt and redo its prompts ("skip").
     journal_on_corrupt: Literal["error", "skip"] = "error"
     # Metric sinks besides metrics.jsonl, comma-separated: "tensorboard" (event files under
@@ -307,175 +320,15 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> "Config":
-        """Check values; raise one ConfigError listing every problem. Returns self."""
-        problems = _check_values(self)
+        """Check values (`sppo.config_checks`); raise one ConfigError listing every problem.
+        Returns self."""
+        problems = check_values(self)
         if problems:
             raise ConfigError(problems)
         return self
 
     def replace(self, **sections: Any) -> "Config":
         return dataclasses.replace(self, **sections)
-
-
-# --------------------------------------------------------------------------- value checks
-
-LOGGERS = ("tensorboard", "wandb", "mlflow")
-
-
-def logger_names(value: str) -> list[str]:
-    """`run.loggers` as a list: "tensorboard, wandb" -> ["tensorboard", "wandb"]."""
-    return [x.strip() for x in value.split(",") if x.strip()]
-
-
-
-def _check_values(cfg: Config) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-
-    def need(ok: bool, name: str, value: Any, why: str) -> None:
-        if not ok:
-            out.append((name, f"{why} (got {value!r})"))
-
-    s, t, d, j, r = cfg.sampling, cfg.trainer, cfg.data, cfg.judge, cfg.run
-    need(s.k >= 2, "sampling.k", s.k, "must be >= 2: SPPO compares responses pairwise")
-    need(s.temperature >= 0, "sampling.temperature", s.temperature, "must be >= 0")
-    need(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "must be in (0, 1]")
-    need(s.max_new_tokens > 0, "sampling.max_new_tokens", s.max_new_tokens, "must be > 0")
-
-    need(d.max_prompt_length > 0, "data.max_prompt_length", d.max_prompt_length, "must be > 0")
-    need(d.eval_prompts >= 0, "data.eval_prompts", d.eval_prompts, "must be >= 0")
-    need(d.max_prompts is None or d.max_prompts > 0, "data.max_prompts", d.max_prompts,
-         "must be > 0 or null")
-    need(bool(d.path), "data.path", d.path, "must not be empty")
-    need(bool(d.prompt_column) or bool(d.messages_column), "data.prompt_column", d.prompt_column,
-         "set prompt_column or messages_column")
-
-    need(bool(cfg.model.path), "model.path", cfg.model.path, "must not be empty")
-
-    if j.backend == "python":
-        need(bool(j.function), "judge.function", j.function,
-             "required when judge.backend is 'python'")
-    else:
-        need(bool(j.model_path), "judge.model_path", j.model_path,
-             f"required when judge.backend is {j.backend!r}")
-    need(j.batch_size > 0, "judge.batch_size", j.batch_size, "must be > 0")
-    need(j.source_max_length > 0, "judge.source_max_length", j.source_max_length, "must be > 0")
-    need(j.candidate_max_length > 0, "judge.candidate_max_length", j.candidate_max_length,
-         "must be > 0")
-    if j.backend == "llm":
-        need(bool(j.label_a.strip()), "judge.label_a", j.label_a, "must not be empty")
-        need(bool(j.label_b.strip()), "judge.label_b", j.label_b, "must not be empty")
-        need(j.label_a != j.label_b, "judge.label_b", j.label_b,
-             f"must differ from judge.label_a ({j.label_a!r})")
-        need(j.template is None or bool(j.template), "judge.template", j.template,
-             "must be a path to a Jinja file or null (the default template)")
-        need(j.max_response_tokens > 0, "judge.max_response_tokens", j.max_response_tokens,
-             "must be > 0")
-        need(j.top_logprobs > 0 or j.top_logprobs == -1, "judge.top_logprobs", j.top_logprobs,
-             "must be > 0, or -1 for the whole vocabulary")
-        need(0 < j.gpu_memory_utilization <= 1, "judge.gpu_memory_utilization",
-             j.gpu_memory_utilization, "must be in (0, 1]")
-        need(j.kv_cache_gb is None or j.kv_cache_gb > 0, "judge.kv_cache_gb", j.kv_cache_gb,
-             "must be > 0 or null")
-        need(j.max_model_len is None or j.max_model_len > 0, "judge.max_model_len",
-             j.max_model_len, "must be > 0 or null")
-        if cfg.pools.judge.num_gpus == 0:
-            need(j.kv_cache_gb is not None, "judge.kv_cache_gb", j.kv_cache_gb,
-                 "set it for the llm judge on CPU (pools.judge.num_gpus is 0): there "
-                 "gpu_memory_utilization would reserve that fraction of the machine's RAM")
-    else:
-        need(cfg.pools.judge.tensor_parallel_size == 1, "pools.judge.tensor_parallel_size",
-             cfg.pools.judge.tensor_parallel_size, "must be 1 unless judge.backend is 'llm'")
-
-    need(t.num_workers > 0, "trainer.num_workers", t.num_workers, "must be > 0")
-    need(t.eta > 0, "trainer.eta", t.eta, "must be > 0 (eta = 1/beta)")
-    need(t.beta > 0, "trainer.beta", t.beta, "must be > 0")
-    need(t.lr > 0, "trainer.lr", t.lr, "must be > 0")
-    need(t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay, "must be >= 0")
-    need(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
-    need(t.epochs > 0, "trainer.epochs", t.epochs, "must be > 0")
-    need(t.schedule_epochs >= t.epochs, "trainer.schedule_epochs", t.schedule_epochs,
-         f"must be >= trainer.epochs ({t.epochs})")
-    need(t.micro_batch_size > 0, "trainer.micro_batch_size", t.micro_batch_size, "must be > 0")
-    need(t.global_batch_size > 0, "trainer.global_batch_size", t.global_batch_size, "must be > 0")
-    need(t.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", t.micro_batch_tokens,
-         "must be >= 0 (0: fixed micro_batch_size rows)")
-    if t.micro_batch_tokens > 0:
-        seqs = 2 if t.selection == "pair" else 1
-        need(t.micro_batch_tokens >= seqs * t.max_length, "trainer.micro_batch_tokens",
-             t.micro_batch_tokens, f"must hold one row: >= {seqs} x trainer.max_length "
-             f"({seqs * t.max_length})" + (" for selection 'pair'" if seqs == 2 else ""))
-    if t.global_batch_size > 0 and t.micro_batch_size > 0 and t.num_workers > 0:
-        per_step = (t.micro_batch_size if t.micro_batch_tokens == 0 else 1) * t.num_workers
-        need(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
-             t.global_batch_size,
-             f"must be a multiple of micro_batch_size * num_workers ({per_step})"
-             if t.micro_batch_tokens == 0 else f"must be a multiple of num_workers ({per_step})")
-    need(t.max_grad_norm > 0, "trainer.max_grad_norm", t.max_grad_norm, "must be > 0")
-    need(t.max_length > 0, "trainer.max_length", t.max_length, "must be > 0")
-    need(t.stream_buffer > 0, "trainer.stream_buffer", t.stream_buffer, "must be > 0")
-    need(t.max_failures >= 0, "trainer.max_failures", t.max_failures, "must be >= 0")
-    if t.reference == "sampled":
-        need(s.return_logprobs, "sampling.return_logprobs", s.return_logprobs,
-             "must be true when trainer.reference is 'sampled'")
-    if t.loss in ("dpo", "ipo", "sppo_hard"):
-        need(t.selection == "pair", "trainer.selection", t.selection,
-             f"loss {t.loss!r} needs selection 'pair'")
-
-    for name in ("generator", "judge"):
-        p: PoolConfig = getattr(cfg.pools, name)
-        pre = f"pools.{name}"
-        need(p.replicas > 0, f"{pre}.replicas", p.replicas, "must be > 0")
-        need(p.min_replicas > 0, f"{pre}.min_replicas", p.min_replicas, "must be > 0")
-        need(p.max_replicas >= p.min_replicas, f"{pre}.max_replicas", p.max_replicas,
-             f"must be >= min_replicas ({p.min_replicas})")
-        if p.min_replicas <= p.max_replicas:  # else the bounds themselves are the problem
-            need(p.min_replicas <= p.replicas <= p.max_replicas, f"{pre}.replicas", p.replicas,
-                 f"must be within [min_replicas, max_replicas] = "
-                 f"[{p.min_replicas}, {p.max_replicas}]")
-        need(p.num_cpus >= 0, f"{pre}.num_cpus", p.num_cpus, "must be >= 0")
-        need(p.num_gpus >= 0, f"{pre}.num_gpus", p.num_gpus, "must be >= 0")
-        need(p.tensor_parallel_size > 0, f"{pre}.tensor_parallel_size", p.tensor_parallel_size,
-             "must be > 0")
-        need(p.batch_size > 0, f"{pre}.batch_size", p.batch_size, "must be > 0")
-        need(p.max_in_flight > 0, f"{pre}.max_in_flight", p.max_in_flight, "must be > 0")
-        need(p.max_restarts >= 0, f"{pre}.max_restarts", p.max_restarts, "must be >= 0")
-        for key in ("scale_up_backlog", "scale_down_idle_s", "scale_cooldown_s"):
-            need(getattr(p, key) >= 0, f"{pre}.{key}", getattr(p, key), "must be >= 0")
-    g = cfg.generator
-    need(0 < g.gpu_memory_utilization <= 1, "generator.gpu_memory_utilization",
-         g.gpu_memory_utilization, "must be in (0, 1]")
-    need(g.kv_cache_gb is None or g.kv_cache_gb > 0, "generator.kv_cache_gb", g.kv_cache_gb,
-         "must be > 0 or null")
-    if g.backend == "vllm" and cfg.pools.generator.num_gpus == 0:
-        need(g.kv_cache_gb is not None, "generator.kv_cache_gb", g.kv_cache_gb,
-             "set it for vLLM on CPU (pools.generator.num_gpus is 0): there "
-             "gpu_memory_utilization would reserve that fraction of the machine's RAM")
-
-    w = cfg.weight_sync
-    need(w.bucket_mb > 0, "weight_sync.bucket_mb", w.bucket_mb, "must be > 0")
-    need(w.timeout_s > 0, "weight_sync.timeout_s", w.timeout_s, "must be > 0")
-    if w.method == "object_store":
-        need(g.backend == "hf", "weight_sync.method", w.method,
-             "needs generator.backend 'hf': vLLM generators receive the weights in their "
-             "workers ('collective' or 'auto')")
-
-    need(0 <= cfg.service.port < 65536, "service.port", cfg.service.port,
-         "must be in 0..65535 (0: any free port)")
-    need(r.rounds > 0, "run.rounds", r.rounds, "must be > 0")
-    need(bool(r.name), "run.name", r.name, "must not be empty")
-    need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
-    need(r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "run.gpu_memory_gb", r.gpu_memory_gb,
-         "must be > 0 or null")
-    need(r.journal_chunk_prompts > 0, "run.journal_chunk_prompts", r.journal_chunk_prompts,
-         "must be > 0")
-    need(r.journal_flush_s > 0, "run.journal_flush_s", r.journal_flush_s, "must be > 0")
-    need(r.samples_per_round >= 0, "run.samples_per_round", r.samples_per_round, "must be >= 0")
-    unknown = [x for x in logger_names(r.loggers) if x not in LOGGERS]
-    need(not unknown, "run.loggers", r.loggers,
-         f"unknown logger(s) {unknown}; choose from {list(LOGGERS)}, comma-separated")
-    need(d.annotated is None or bool(d.annotated.strip()), "data.annotated", d.annotated,
-         "must be a journal directory or null")
-    return out
 
 
 # --------------------------------------------------------------------------- building
@@ -544,7 +397,9 @@ def _build(cls: type, data: Any, prefix: str, problems: list[tuple[str, str]]) -
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
-            problems.append((where, f"unknown key; valid keys: {sorted(names)}"))
+            hint = f"renamed {RENAMED[where]}" if where in RENAMED else \
+                f"valid keys: {sorted(names)}"
+            problems.append((where, f"unknown key; {hint}"))
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:

@@ -20,7 +20,7 @@ read whole; a file that does not read (truncated, corrupt) or does not have the 
 columns is an error naming it, or with `on_corrupt="skip"` is reported, renamed to
 `*.corrupt` (so it is never read again) and its prompts are simply not in the journal.
 
-Not here: when the journal is written (the pipeline's `record` hook, `sppo.selfplay`), export
+Not here: when the journal is written (the pipeline's `record` hook, `cluster.selfplay`), export
 for other trainers (`sppo.export`).
 """
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sppo.config import Config
+from sppo.tiny import TinySpec
 
 __all__ = ["MODELS_DIR", "PAIRRM_BACKBONE", "ModelConfigError", "ModelFacts", "load_model_config",
            "count_params", "model_facts", "judge_facts"]
@@ -48,8 +49,6 @@ def load_model_config(value: str, field_name: str, cache_dir: str = "~/.cache/sp
     if value.startswith("builtin:"):
         if value != "builtin:tiny-llama":
             raise ModelConfigError(field_name, f"unknown builtin model {value!r}")
-        from sppo.tiny import TinySpec
-
         spec = TinySpec()  # ensure_tiny_llama's cache layout, read without building anything
         built = Path(cache_dir).expanduser() / f"tiny-llama-{spec.key()}" / "config.json"
         if built.is_file():

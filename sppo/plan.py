@@ -59,11 +59,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sppo.config import Config, GeneratorConfig, JudgeConfig, PoolConfig
+from sppo.config import DEFAULT_JUDGE_TEMPLATE, Config, GeneratorConfig, JudgeConfig, PoolConfig
 from sppo.model_facts import ModelFacts, judge_facts, load_model_config, model_facts
 
 __all__ = ["GIB", "ACCELERATOR_MEMORY_GIB", "Role", "Plan", "build_plan", "activation_bytes",
-           "gpu_memory_gib"]
+           "gpu_memory_gib", "gpu_roles"]
 
 GIB = 2**30
 GPU_CONTEXT = 2 * GIB
@@ -351,9 +351,7 @@ def _template_tokens(template: Optional[str]) -> tuple[int, str]:
     question and the two responses: the template file's text without its Jinja comments at ~3
     characters a token (English runs ~4: an upper estimate), plus 64 for the chat template's
     turn markers and system header (Llama 3.1's: ~35). The default template: ~210."""
-    from actors.engines.llm_judge import DEFAULT_TEMPLATE  # light: no vLLM
-
-    path, note = DEFAULT_TEMPLATE, ""
+    path, note = DEFAULT_JUDGE_TEMPLATE, ""
     if template and Path(template).expanduser().is_file():
         path = Path(template).expanduser()
     elif template:  # the engine refuses it at start; the plan goes on with the default's size
@@ -429,6 +427,15 @@ def build_plan(cfg: Config, gpu_memory: "float | dict[str, Optional[float]] | No
     note = ("GPU memory unknown" if not known else
             "GPUs of " + ", ".join(f"{v:g}" for v in sorted(known)) + " GiB")
     return Plan([policy] + ([judge] if judge else []), roles, note)
+
+
+def gpu_roles(cfg: Config) -> list[str]:
+    """The roles of `cfg` that run on GPUs (a Python judge never does)."""
+    p = cfg.pools
+    return [role for role, on in (("trainer", cfg.trainer.use_gpu),
+                                  ("generator", p.generator.num_gpus > 0),
+                                  ("judge", p.judge.num_gpus > 0
+                                   and cfg.judge.backend != "python")) if on]
 
 
 def gpu_memory_gib(nodes: list[dict]) -> tuple[Optional[float], str]:

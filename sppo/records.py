@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["Prompt", "Generation", "Annotated", "Failed", "TrainRow"]
+__all__ = ["Prompt", "Generation", "Annotated", "Failed", "TrainRow", "RoundOutcome"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,55 @@ class TrainRow:
     def num_tokens(self) -> int:
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) \
             if self.is_pair else len(self.prompt_ids) + len(self.chosen_ids)
+
+
+@dataclass
+class RoundOutcome:
+    """What became of a round's prompts: every one annotated (its rows went to the trainer) or
+    failed with its stage and reason; plus the stages' busy time, for the throughput report and
+    the bench (`cluster.pipeline` fills it; a journal's part of a round too, `sppo.resume`)."""
+
+    prompts: int = 0
+    annotated: int = 0
+    rows: int = 0
+    failed: list[Failed] = field(default_factory=list)
+    generated: int = 0
+    response_tokens: int = 0
+    wall_s: float = 0.0
+    generate_busy_s: float = 0.0
+    judge_busy_s: float = 0.0
+    sink_busy_s: float = 0.0
+    # Prompts taken from the round's journal (rows to the trainer, nothing generated or judged)
+    # and, in a round resumed from a journal, those generated and judged again.
+    from_journal: int = 0
+    redone: int = 0
+
+    def failed_by_reason(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.failed:
+            key = f"{f.stage}: {f.reason.split(':')[0]}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def merge(self, other: "RoundOutcome", *, redone: int = 0) -> "RoundOutcome":
+        """This outcome (the journal's part of a round) followed by `other` (the pipeline's):
+        counts add up, the stage times are the pipeline's."""
+        return RoundOutcome(
+            prompts=self.prompts + other.prompts, annotated=self.annotated + other.annotated,
+            rows=self.rows + other.rows, failed=self.failed + other.failed,
+            generated=other.generated, response_tokens=other.response_tokens,
+            wall_s=self.wall_s + other.wall_s, generate_busy_s=other.generate_busy_s,
+            judge_busy_s=other.judge_busy_s, sink_busy_s=self.wall_s + other.sink_busy_s,
+            from_journal=self.from_journal + other.from_journal, redone=redone)
+
+    def summary(self) -> dict:
+        return {
+            "prompts": self.prompts, "annotated": self.annotated, "failed": len(self.failed),
+            "rows": self.rows, "generated": self.generated,
+            "response_tokens": self.response_tokens, "wall_s": round(self.wall_s, 3),
+            "generate_busy_s": round(self.generate_busy_s, 3),
+            "judge_busy_s": round(self.judge_busy_s, 3),
+            "sink_busy_s": round(self.sink_busy_s, 3),
+            "failed_by_reason": self.failed_by_reason(),
+            "from_journal": self.from_journal, "redone": self.redone,
+        }

@@ -27,8 +27,8 @@ import torch
 
 from sppo.records import Annotated, TrainRow
 
-__all__ = ["Batch", "rows_from_annotated", "fit_row", "deal_to_ranks", "micro_batches",
-           "token_micro_batches", "padded_tokens", "collate"]
+__all__ = ["Batch", "rows_from_annotated", "rows_per_prompt", "fit_row", "deal_to_ranks",
+           "micro_batches", "token_micro_batches", "padded_tokens", "collate"]
 
 TRUNCATED = "truncated"
 
@@ -39,6 +39,15 @@ def _first_argmax(values: Sequence[float]) -> int:
 
 def _first_argmin(values: Sequence[float]) -> int:
     return min(range(len(values)), key=lambda i: (values[i], i))
+
+
+def rows_per_prompt(selection: Literal["pair", "all"], k: int) -> int:
+    """Training rows one annotated prompt gives (`rows_from_annotated`): one pair, or all K."""
+    if selection == "pair":
+        return 1
+    if selection == "all":
+        return k
+    raise ValueError(f"selection must be 'pair' or 'all', got {selection!r}")
 
 
 def rows_from_annotated(item: Annotated, selection: Literal["pair", "all"]) -> list[TrainRow]:

@@ -19,6 +19,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sppo.records import Prompt
+
 __all__ = ["TinySpec", "build_tiny_tokenizer", "build_tiny_llama", "ensure_tiny_llama",
            "resolve_model_path", "synthetic_prompts", "CHAT_TEMPLATE", "WORDS"]
 
@@ -171,8 +173,6 @@ def resolve_model_path(path: str, cache_dir: str = "~/.cache/sppo-ray") -> str:
 def synthetic_prompts(tokenizer, n: int, prefix: str) -> list:
     """`n` short templated, tokenized `Prompt`s with ids `<prefix>-<i>`, for load rounds
     (tests/sppo/test_load.py, bench/load.py): deterministic, built from `WORDS`."""
-    from sppo.records import Prompt
-
     raws = [f"tell me about the {WORDS[i % len(WORDS)]} and the {WORDS[(7 * i) % len(WORDS)]}"
             for i in range(n)]
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r}], tokenize=False,

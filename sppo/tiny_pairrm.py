@@ -30,6 +30,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sppo.tiny import WORDS
+
 __all__ = ["TinyPairRMSpec", "TinyPairRM", "build_tokenizer", "save_tiny_pairrm",
            "ensure_tiny_pairrm", "NUM_PREFIX_TOKENS"]
 
@@ -75,8 +77,6 @@ class TinyPairRMSpec:
     seed: int = 0
 
     def key(self) -> str:
-        from sppo.tiny import WORDS
-
         blob = (json.dumps(asdict(self), sort_keys=True) + " ".join(WORDS)
                 + json.dumps(_RANKER_CONFIG) + f"recipe-{_RECIPE}")
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -92,8 +92,6 @@ class TinyPairRM:
 
 
 def _corpus(spec: TinyPairRMSpec) -> list[str]:
-    from sppo.tiny import WORDS
-
     rng = random.Random(spec.seed)
     lines = []
     for _ in range(spec.corpus_lines):

@@ -1,7 +1,7 @@
 """Metrics to the tools users already read: TensorBoard, Weights & Biases, MLflow.
 
 `Trackers(names, run_dir, ...)` opens the sinks `run.loggers` names; `metrics.jsonl` stays the
-record of truth (written by `sppo.selfplay` whatever is configured). Per trainer step: the
+record of truth (written by `cluster.selfplay` whatever is configured). Per trainer step: the
 step's scalars under `train/`, at a global step counted across rounds; per round: the round's
 scalars under `round/` (win rate, mean loss, counts, stage times) at step = round, and a small
 samples table (prompt, best and worst response with their win rates).
@@ -18,7 +18,7 @@ install), never a silent no-op. What was run: TensorBoard's event files are read
 tests/sppo/test_journal.py; W&B and MLflow run there when installed (they are optional
 extras, not installed by the CI set-up), else those tests skip saying so.
 
-Not here: what a round's metrics are (`sppo.selfplay`).
+Not here: what a round's metrics are (`cluster.selfplay`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hugging Face `generate` as a batched sampling engine: the CPU default, also fine on a GPU.
+"""Hugging Face `generate` as a batched sampling engine: the CPU default (its CUDA path, the same
+code on `device="cuda"`, not run on a GPU).
 
 `HFGenerationEngine.generate(prompts)` left-pads the prompts' token ids into one batch, draws K
 samples per prompt with `num_return_sequences=K` and the KV cache (temperature 0: one greedy
@@ -36,7 +37,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 
 from actors.engines.generation import (Record, check_weights, generate_isolated,
                                        prompt_problem, prompt_seed)
-from actors.weights import GroupAddress, WeightLayout, WeightReceiver
+from actors.weights.layout import WeightLayout
+from actors.weights.transport import GroupAddress, WeightReceiver
 from sppo.records import Generation, Prompt
 
 __all__ = ["HFGenerationEngine"]
@@ -185,7 +187,7 @@ class HFGenerationEngine:
     weight_receivers = 1  # this process receives the trainer's buckets itself
 
     def join_weight_group(self, address: dict, rank_offset: int) -> None:
-        """Join the trainer's weight group (`actors.weights`) as rank `rank_offset`."""
+        """Join the trainer's weight group (`actors.weights.transport`) as rank `rank_offset`."""
         self._receiver = WeightReceiver(GroupAddress.from_wire(address), rank_offset,
                                         self.device)
 

@@ -1,7 +1,7 @@
 """A generative pairwise judge: any instruction-tuned LLM on vLLM as the preference model.
 
 `LLMJudgeEngine` fits `actors.judge.PreferenceEngine`. For a prompt x and two responses shown
-as A and B, a Jinja template (the default `templates/pairwise.jinja`, or the user's file)
+as A and B, a Jinja template (the default `sppo/templates/pairwise.jinja`, or the user's file)
 renders the user turn, the judge model's chat template wraps it, and vLLM runs the prompt with
 `max_tokens=1` and `logprobs=top_logprobs`: the probability that A beats B is read from the
 log-probabilities of the verdict tokens at the answer position, P(A) / (P(A) + P(B)), never
@@ -43,12 +43,13 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from actors.engines.vllm_engine import VLLMEngine
+from sppo.config import DEFAULT_JUDGE_TEMPLATE
 
 __all__ = ["LLMJudgeEngine", "PairwisePrompt", "DEFAULT_TEMPLATE", "label_token_ids"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "pairwise.jinja"
+DEFAULT_TEMPLATE = DEFAULT_JUDGE_TEMPLATE  # sppo/templates/pairwise.jinja
 
 
 def label_token_ids(tokenizer: Any, label: str) -> list[int]:

@@ -31,6 +31,8 @@ import os
 import threading
 from typing import Any, Optional, Sequence
 
+from actors.engines.vllm_worker import SPPO_BACKEND  # imports no vLLM here
+
 __all__ = ["VLLMEngine", "EngineDead", "cpu_bind_string"]
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,9 @@ class VLLMEngine:
             # (vLLM then raises the step's token budget to at least max_model_len).
             args["enable_chunked_prefill"] = False
         if tensor_parallel_size > 1:
-            # GPUs: Ray workers in this actor's placement group (it captures child tasks).
-            # CPU: vLLM allows only its multiprocessing executor, one process per rank.
+            # GPUs: Ray workers in this actor's placement group (it captures child tasks; read
+            # in vLLM 0.33, not run on a GPU). CPU: vLLM allows only its multiprocessing
+            # executor, one process per rank (run here).
             args["distributed_executor_backend"] = "ray" if use_gpu else "mp"
             if not use_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(
@@ -111,8 +114,6 @@ class VLLMEngine:
     async def _build(args: dict) -> Any:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.config import WeightTransferConfig
-
-        from actors.engines.vllm_worker import SPPO_BACKEND
 
         args = dict(args, weight_transfer_config=WeightTransferConfig(backend=SPPO_BACKEND))
         return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args))
@@ -154,7 +155,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
 
     def join_weight_group(self, address: dict, rank_offset: int) -> None:
-        """Every worker joins the weight group at `address` (`actors.weights.GroupAddress`
+        """Every worker joins the weight group at `address` (`actors.weights.transport.GroupAddress`
         as a dict) as rank `rank_offset + its TP x PP rank`; returns once all have joined."""
         info = dict(address, rank_offset=int(rank_offset))
         self._rpc("init_weight_transfer_engine", init_info=info)

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 from actors.engines.generation import (Record, check_weights, prompt_problem, prompt_seed,
                                        screen_prompts)
 from actors.engines.vllm_engine import VLLMEngine
-from actors.weights import WeightLayout
+from actors.weights.layout import WeightLayout
 from sppo.records import Failed, Generation, Prompt
 
 __all__ = ["VLLMGenerationEngine"]

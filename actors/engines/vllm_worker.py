@@ -22,8 +22,8 @@ Why our own engine rather than vLLM's `nccl` one: a pool holds several independe
 engines and the job broadcasts to all of them over one group, while vLLM's trainer-side NCCL
 engine gives every engine it drives the ranks from 1 (`rank_offset=1`, in 0.32 and 0.33), so it
 serves one engine per group; and on CPU only an engine of ours can exist (vLLM's built-in ones
-assume CUDA). The transport is `actors.weights` (gloo on CPU, NCCL on GPU), the same code the
-HF generators and the trainer's sender use.
+assume CUDA). The transport is `actors.weights.transport` (gloo on CPU, NCCL on GPU), the same
+code the HF generators and the trainer's sender use.
 
 Importing this module where vLLM is not loaded yet (anywhere but a vLLM process) imports
 nothing of vLLM and registers nothing; the engine class is built on first registration.
@@ -35,6 +35,9 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from actors.weights.layout import WeightLayout
+from actors.weights.transport import GroupAddress, WeightReceiver
 
 __all__ = ["SPPO_BACKEND", "VLLMWorkerExtension", "engine_class", "register"]
 
@@ -54,11 +57,10 @@ def engine_class() -> type:
                                                        WeightTransferInitInfo,
                                                        WeightTransferUpdateInfo)
 
-    from actors.weights import GroupAddress, WeightLayout, WeightReceiver
 
     @dataclass
     class SppoInitInfo(WeightTransferInitInfo):
-        """`actors.weights.GroupAddress` plus this engine's first rank in the group."""
+        """`actors.weights.transport.GroupAddress` plus this engine's first rank in the group."""
 
         host: str
         port: int
@@ -70,7 +72,7 @@ def engine_class() -> type:
 
     @dataclass
     class SppoUpdateInfo(WeightTransferUpdateInfo):
-        """`actors.weights.WeightLayout.to_wire()`."""
+        """`actors.weights.layout.WeightLayout.to_wire()`."""
 
         names: list
         dtypes: list

@@ -9,7 +9,7 @@ skips only where vLLM is not installed). The models share one tokenizer:
 
 Weights reach HF generators through the object store here (the driver's default for them on
 CPU) and vLLM generators through the trainer's collective sender, straight into vLLM's workers
-(`actors.weight_sync.CollectiveHandOff`, driven from this process as trainer rank 0 would).
+(`actors.weights.sender.CollectiveHandOff`, driven from this process as trainer rank 0 would).
 A vLLM engine takes ~25 s to start on an idle 2-core machine (two spawned processes, each
 importing vLLM), ~45 s on a busy one: the module shares one pool per backend (`pool`), which
 `base_pool` puts back to the base weights at version 0 before each test that uses it; new
@@ -26,7 +26,7 @@ import pytest
 import ray
 import torch
 
-from actors.generator import GeneratorPool, _buckets, make_generator_factory
+from actors.generator import GeneratorPool, make_generator_factory
 from helpers import VLLM, engine_core_pids
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Failed, Generation, Prompt
@@ -270,13 +270,19 @@ def _sync_to_other(pool, backend, models, stream, version: int) -> None:
     (this process standing in for trainer rank 0), then the checkpoint recorded for
     generators that join or restart later."""
     if backend == "hf":
-        pool.broadcast_object_store(_state(models["other"]), version=version, bucket_mb=0.05)
+        from actors.weights.layout import WeightLayout
+        from actors.weights.object_store import put_buckets
+
+        state = {k: torch.from_numpy(v) for k, v in _state(models["other"]).items()}
+        buckets = put_buckets(state, WeightLayout.from_named(state.items(), 0.05))
+        assert len(buckets) > 1  # really bucketed
+        pool.broadcast_buckets(buckets, version=version)
         return
-    from actors.weight_sync import CollectiveHandOff
+    from actors.weights.sender import CollectiveHandOff
 
     ray.get(stream.set_sync_targets.remote(version - 1, pool.actors()))
     state = {k: torch.from_numpy(v) for k, v in _state(models["other"]).items()}
-    stats = CollectiveHandOff(stream, bucket_mb=0.05, timeout_s=120)(state, version - 1)
+    stats = CollectiveHandOff(stream, bucket_mb=0.05, timeout_s=120)(state, version - 1).stats
     assert stats["failed"] == [] and stats["versions"] == [version] * pool.size
     assert stats["buckets"] > 1  # really bucketed
     pool.mark_synced(version, models["other"])
@@ -307,7 +313,7 @@ def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, p
         with pytest.raises(RuntimeError, match="partial"):
             ray_cluster.get(actor.finish_weight_update.remote(8))
     else:  # a collective sync's layout is checked against the checkpoint first
-        from actors.weights import WeightLayout
+        from actors.weights.layout import WeightLayout
 
         layout = WeightLayout.from_named({k: torch.zeros(3) for k in bad}.items(), 1.0)
         with pytest.raises(ValueError, match="no.such.weight"):
@@ -365,12 +371,6 @@ def _eventually(check, timeout: float = 120.0) -> bool:
             pass
         time.sleep(0.5)
     return False
-
-
-def test_buckets_split_in_order_within_the_limit():
-    state = {f"w{i}": np.zeros(n, np.float32) for i, n in enumerate([10, 10, 30, 5, 5, 5])}
-    got = _buckets(state, limit=80)  # 4 bytes per element
-    assert [list(b) for b in got] == [["w0", "w1"], ["w2"], ["w3", "w4", "w5"]]
 
 
 # ---------------------------------------------------------------------------- pool
@@ -432,57 +432,3 @@ def test_chat_samples_with_the_request_settings_and_current_weights(
         chat(n=1)
     ray_cluster.get(actor.finish_weight_update.remote(2))
     assert chat(n=1)[0]["weight_version"] == 2
-
-
-# ---------------------------------------------------------------------------- placement
-
-
-def test_factory_places_by_role_label_and_tensor_parallel_groups_too(ray_cluster, monkeypatch):
-    """Resources from `pools.generator` through `.options()`; on a role-labelled cluster the
-    actor (or, with tensor parallelism, every bundle of its placement group) asks for a
-    `role: generator` node. The session's cluster has no labels, so the node list is the one
-    `ray.nodes()` gives on a labelled cluster."""
-    import sys
-
-    import actors.generator as gen_mod
-    from actors.factory import ActorFactory
-    from actors.generator import Generator
-
-    seen: dict = {}
-
-    class ActorClass:
-        def options(self, **kw):
-            seen["options"] = kw
-            return self
-
-        def remote(self, build):
-            return "handle"
-
-    monkeypatch.setattr(gen_mod.ray, "remote", lambda cls: ActorClass())
-    pool = PoolConfig(num_cpus=2, num_gpus=1, max_restarts=1, tensor_parallel_size=2)
-    plain = ActorFactory(Generator, "generator", pool, (lambda: None,))
-    assert plain() == "handle"
-    assert seen["options"] == dict(num_cpus=2.0, num_gpus=1.0, max_restarts=1,
-                                   max_task_retries=0)  # unlabelled: anywhere
-
-    monkeypatch.setattr(gen_mod.ray, "nodes", lambda: [
-        {"Alive": True, "Labels": {"role": "head"}, "Resources": {"CPU": 1}},
-        {"Alive": True, "Labels": {"role": "generator"}, "Resources": {"CPU": 8, "GPU": 2}}])
-    plain()
-    assert seen["options"]["label_selector"] == {"role": "generator"}
-
-    groups = []
-    pg_mod = sys.modules["ray.util.placement_group"]  # `ray.util.placement_group` is the function
-    real_placement_group = pg_mod.placement_group
-    monkeypatch.setattr(pg_mod, "placement_group", lambda bundles, **kw: groups.append(
-        (bundles, kw)) or real_placement_group(
-            [{"CPU": 0.01}], strategy="PACK"))  # a real, tiny group for the strategy to name
-    tp = ActorFactory(Generator, "generator", pool, (lambda: None,), tensor_parallel=True)
-    try:
-        tp()
-        (bundles, kw), = groups
-        assert bundles == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0}]
-        assert kw["bundle_label_selector"] == [{"role": "generator"}] * 2
-        assert "label_selector" not in seen["options"] and seen["options"]["num_gpus"] == 0
-    finally:
-        tp.release()

@@ -372,14 +372,15 @@ class _RecordingActorClass:
 
 def test_factory_takes_resources_from_config(ray_cluster, monkeypatch):
     """Resources and restarts come from `pools.judge` through `.options()`; the engine goes to
-    CUDA exactly when the pool asks for GPUs; on a role-labelled cluster the actor asks for a
-    `role: judge` node (the session's cluster has no labels: no selector)."""
-    import actors.judge as judge_mod
+    CUDA exactly when the pool asks for GPUs; the actor asks for the nodes the caller's label
+    selector names (the cluster layer's decision), none by default."""
+    import actors.factory as factory_mod
 
     seen: dict = {}
-    monkeypatch.setattr(judge_mod.ray, "remote", lambda cls: _RecordingActorClass(seen))
+    monkeypatch.setattr(factory_mod.ray, "remote", lambda cls: _RecordingActorClass(seen))
     cfg = JudgeConfig(backend="pairrm", model_path="/m", backbone="/b", preference="bt_scores")
-    factory = make_judge_factory(cfg, PoolConfig(num_cpus=3, num_gpus=0.5, max_restarts=1))
+    pool = PoolConfig(num_cpus=3, num_gpus=0.5, max_restarts=1)
+    factory = make_judge_factory(cfg, pool)
     assert factory() == "handle"
     assert seen["options"] == dict(num_cpus=3.0, num_gpus=0.5, max_restarts=1,
                                    max_task_retries=0)
@@ -387,11 +388,7 @@ def test_factory_takes_resources_from_config(ray_cluster, monkeypatch):
     assert seen["build"].func is PairRMEngine
     assert seen["build"].keywords["device"] == "cuda"
     assert seen["build"].keywords["backbone"] == "/b"
-    # The node list as `ray.nodes()` gives it on a cluster whose nodes carry role labels.
-    monkeypatch.setattr(judge_mod.ray, "nodes", lambda: [
-        {"Alive": True, "Labels": {"role": "head"}, "Resources": {"CPU": 1}},
-        {"Alive": True, "Labels": {"role": "judge"}, "Resources": {"CPU": 8, "GPU": 1}}])
-    factory()
+    make_judge_factory(cfg, pool, label_selector=lambda: {"role": "judge"})()
     assert seen["options"]["label_selector"] == {"role": "judge"}
 
 

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from actors.stream import RoundResult, TrainStream, create_stream
+from actors.weights import HandOffResult
 from sppo.records import TrainRow
 
 
@@ -95,7 +96,7 @@ def test_buffer_smaller_than_a_global_batch_is_refused():
         _stream(global_batch_size=5)
 
 
-def test_later_epochs_replay_the_trained_rows_once_each():
+def test_later_epochs_repeat_the_trained_rows_once_each():
     async def main():
         s = _stream(epochs=3)
         await s.attach(0)
@@ -160,7 +161,7 @@ def test_round_done_wakes_the_driver_and_finish_stops_workers():
         # a group that checkpointed round 0 but died before round_done must hand over again
         assert await s.attach(1) == (2, True)
         await s.log_step(0, {"loss": 1.0})
-        await s.round_done(RoundResult(0, {"loss_mean": 1.0}, None, "/ckpt/round-0"))
+        await s.round_done(RoundResult(0, {"loss_mean": 1.0}, HandOffResult(), "/ckpt/round-0"))
         assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
         assert await s.step_metrics(0) == [{"loss": 1.0}]
         assert await s.attach(1) == (3, False)
@@ -275,7 +276,7 @@ def test_a_round_nobody_ends_is_reported_as_stalled_and_can_still_finish():
         await s.end_round(0)
         assert await s.stalled(0, idle_s=0) is None
         assert await asyncio.wait_for(asyncio.gather(*tail), 1) == [None, None]  # 1 row dropped
-        await s.round_done(RoundResult(0, {}, None, "/ckpt/round-0"))
+        await s.round_done(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
         assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
         assert await s.stalled(0, idle_s=0) is None
     asyncio.run(main())
@@ -295,7 +296,7 @@ def test_waits_for_what_can_no_longer_come_raise():
         waiting = asyncio.create_task(s.sync_targets(1))  # round 1: never named, never begun
         await s.end_round(0)
         await _drain(s, 0)
-        await s.round_done(RoundResult(0, {}, None, "/ckpt/round-0"))
+        await s.round_done(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
         with pytest.raises(RuntimeError, match="round 0 is already done"):
             await asyncio.wait_for(s.sync_targets(0), 1)
         await s.begin_round(2, 0)  # the driver skips round 1
@@ -304,7 +305,7 @@ def test_waits_for_what_can_no_longer_come_raise():
         late = asyncio.create_task(s.sync_targets(2))
         await s.end_round(2)
         await _drain(s, 2, generation=1)
-        await s.round_done(RoundResult(2, {}, None, "/ckpt/round-2"))
+        await s.round_done(RoundResult(2, {}, HandOffResult(), "/ckpt/round-2"))
         with pytest.raises(RuntimeError, match="no broadcast targets will be named for round 2"):
             await asyncio.wait_for(late, 1)
         await s.finish()

@@ -26,7 +26,9 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from actors.stream import create_stream
-from actors.trainer import TrainerRun, arrays_to_state_dict, train_step
+from actors.train_step import train_step
+from actors.trainer import TrainerRun
+from actors.weights.object_store import arrays_to_state_dict
 from sppo.config import TrainerConfig
 from sppo.loss import compute_loss, sequence_logps
 from sppo.optim import build_optimizer, build_scheduler, schedule_steps
@@ -72,12 +74,12 @@ def run(ray_cluster, tiny_llama_dir, tmp_path_factory):
     def fail_once_hand_off(full_state_dict, round_index):  # nested: pickled by value
         import os
 
-        from actors.trainer import object_store_hand_off
+        from actors.weights.object_store import ObjectStoreHandOff
 
         if not os.path.exists(marker):
             open(marker, "w").close()
             raise RuntimeError("injected failure after the round-0 checkpoint")
-        return object_store_hand_off(full_state_dict, round_index)
+        return ObjectStoreHandOff()(full_state_dict, round_index)
 
     trainer = TrainerRun(model_path=tiny_llama_dir, trainer=CFG, stream=stream,
                          storage_path=str(storage), name="two-rounds",
@@ -95,7 +97,7 @@ def run(ray_cluster, tiny_llama_dir, tmp_path_factory):
             ray.get(stream.end_round.remote(t))
             result = trainer.wait_round_done(t, timeout_s=600)
             out.results.append(result)
-            out.weights.append(arrays_to_state_dict(ray.get(result.weights)))
+            out.weights.append(arrays_to_state_dict(ray.get(result.hand_off.buckets)))
             out.metrics.append(ray.get(stream.step_metrics.remote(t)))
         out.fit = trainer.finish(timeout_s=300)
     finally:

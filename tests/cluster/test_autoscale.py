@@ -1,5 +1,5 @@
 """Tests of cluster/autoscale.py: the policy stepped on a clock passed in (no Ray, no sleeping),
-`cluster_has_room` against the local Ray cluster, and the policy driving a real `ActorPool` of
+`cluster_has_room` against the local Ray cluster, and the policy driving a real `ActorDispatcher` of
 echo actors through a backlog and back.
 """
 
@@ -10,10 +10,10 @@ import time
 import pytest
 import ray
 
-from actors.pool import ActorPool, PoolCallError
-from cluster.autoscale import (AutoscaledPool, PipelineAutoscaler, QueueAutoscaler,
+from actors.dispatch import ActorDispatcher, PoolCallError
+from cluster.autoscale import (AutoscaleTarget, PipelineAutoscaler, QueueAutoscaler,
                                cluster_has_room, scale_pool)
-from sppo.pipeline import Backlog
+from cluster.pipeline import Backlog
 from ray_echo import Echo
 
 
@@ -89,7 +89,7 @@ def test_cluster_has_room(ray_cluster):
 
 def test_a_backlog_grows_a_real_pool_and_idling_shrinks_it(ray_cluster):
     make = lambda: ray.remote(Echo).options(num_cpus=0.1).remote(0.05)  # noqa: E731
-    pool = ActorPool(make, size=1, max_in_flight=2, name="echo")
+    pool = ActorDispatcher(make, size=1, max_in_flight=2, name="echo")
     policy = QueueAutoscaler(min_replicas=1, max_replicas=3, scale_up_backlog=4,
                              scale_down_idle_s=0.3, cooldown_s=0.2)
     try:
@@ -124,8 +124,8 @@ def test_pipeline_autoscaler_steps_each_pool_on_its_own_backlog(ray_cluster):
     """The pipeline's tick: each pool grows on its own stage's backlog, at most once per
     `every_s`, and only with room for its actor's resources."""
     make = lambda: ray.remote(Echo).options(num_cpus=0.1).remote(0.0)  # noqa: E731
-    gen = ActorPool(make, size=1, max_in_flight=2, name="gen")
-    judge = ActorPool(make, size=1, max_in_flight=2, name="judge")
+    gen = ActorDispatcher(make, size=1, max_in_flight=2, name="gen")
+    judge = ActorDispatcher(make, size=1, max_in_flight=2, name="judge")
     asked: list[tuple[float, float]] = []
     now = [0.0]
 
@@ -137,8 +137,8 @@ def test_pipeline_autoscaler_steps_each_pool_on_its_own_backlog(ray_cluster):
         return QueueAutoscaler(min_replicas=1, max_replicas=3, scale_up_backlog=4,
                                scale_down_idle_s=100.0, cooldown_s=0.0)
 
-    tick = PipelineAutoscaler([AutoscaledPool(gen, policy(), "generate", 0.1, 0.0),
-                               AutoscaledPool(judge, policy(), "judge", 0.1, 1.0)],
+    tick = PipelineAutoscaler([AutoscaleTarget(gen, policy(), "generate", 0.1, 0.0),
+                               AutoscaleTarget(judge, policy(), "judge", 0.1, 1.0)],
                               every_s=1.0, room=room, clock=lambda: now[0])
     try:
         tick(Backlog(generate=50, judge=50))

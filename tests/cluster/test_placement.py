@@ -1,8 +1,8 @@
 """cluster/placement.py and the `ray up` launcher config cluster/ray-cluster.yaml.
 
 Node lists here are plain dicts shaped like `ray.nodes()` entries (data, not a fake Ray). Two
-tests use the real local Ray cluster of the session, which carries no labels: an actor placed
-with `actor_options` runs (the single-node fallback), and `check_resources` on its
+tests use the real local Ray cluster of the session, which carries no labels: an actor started
+by a factory given `role_selector` runs (the single-node fallback), and `check_resources` on its
 `ray.cluster_resources()` flags a pool asking for GPUs it does not have.
 """
 
@@ -17,11 +17,9 @@ from cluster.placement import (
     HEAD_ROLE,
     ROLE_LABEL,
     ROLES,
-    actor_options,
     check_resources,
     is_role_labelled,
     role_selector,
-    trainer_scaling_kwargs,
 )
 from sppo.config import PoolConfig, from_dict
 
@@ -57,18 +55,12 @@ def test_unlabelled_cluster_gets_no_selector():
     assert not is_role_labelled(nodes)
     for role in ROLES:
         assert role_selector(role, nodes) is None
-    assert actor_options("generator", 1, 0, nodes) == {"num_cpus": 1, "num_gpus": 0}
-    assert trainer_scaling_kwargs(2, False, nodes) == {"num_workers": 2, "use_gpu": False}
 
 
 def test_labelled_cluster_selects_each_role():
     nodes = labelled_cluster()
     for role in ROLES:
         assert role_selector(role, nodes) == {ROLE_LABEL: role}
-    assert actor_options("judge", 4, 1, nodes) == {
-        "num_cpus": 4, "num_gpus": 1, "label_selector": {"role": "judge"}}
-    assert trainer_scaling_kwargs(4, True, nodes) == {
-        "num_workers": 4, "use_gpu": True, "label_selector": {"role": "trainer"}}
 
 
 def test_role_without_a_node_yet_is_still_selected():
@@ -89,15 +81,34 @@ def test_unknown_role_is_an_error():
         role_selector("critic", [])
 
 
-def test_options_are_accepted_by_ray():
-    """The kwargs pass Ray 2.60's own option validation (label syntax included) and Train V2's
-    ScalingConfig; nothing is scheduled."""
+def test_selectors_are_accepted_by_ray(monkeypatch):
+    """The options a factory builds with a role's selector pass Ray 2.60's own option
+    validation (label syntax included), and the trainer's selector Train V2's ScalingConfig
+    (as `actors.trainer.TrainerRun` passes it); nothing is scheduled."""
     from ray._common.ray_option_utils import validate_actor_options
     from ray.train import ScalingConfig
 
+    import actors.factory as factory_mod
+    from actors.factory import ActorFactory
+
     nodes = labelled_cluster()
-    validate_actor_options(actor_options("generator", 4, 1, nodes), in_options=True)
-    scaling = ScalingConfig(**trainer_scaling_kwargs(4, True, nodes))
+    seen = {}
+
+    class Recorder:
+        def options(self, **kw):
+            seen.update(kw)
+            return self
+
+        def remote(self, *args):
+            return "handle"
+
+    monkeypatch.setattr(factory_mod.ray, "remote", lambda cls: Recorder())
+    ActorFactory(object, PoolConfig(num_cpus=4, num_gpus=1), (),
+                 label_selector=lambda: role_selector("generator", nodes))()
+    assert seen["label_selector"] == {ROLE_LABEL: "generator"}
+    validate_actor_options(seen, in_options=True)
+    scaling = ScalingConfig(num_workers=4, use_gpu=True,
+                            label_selector=role_selector("trainer", nodes))
     assert scaling._label_selector_per_worker(4) == [{ROLE_LABEL: "trainer"}] * 4
 
 
@@ -217,11 +228,13 @@ class Probe:
 
 
 def test_actor_runs_without_labels_on_local_cluster(ray_cluster):
+    from actors.factory import ActorFactory
+
     ray = ray_cluster
     assert role_selector("generator") is None  # the session cluster carries no role labels
-    options = actor_options("generator", num_cpus=1, num_gpus=0)
-    assert "label_selector" not in options
-    actor = ray.remote(Probe).options(**options).remote()
+    factory = ActorFactory(Probe, PoolConfig(num_cpus=0.1), (),
+                           label_selector=lambda: role_selector("generator"))
+    actor = factory()
     try:
         assert ray.get(actor.where.remote(), timeout=120) in {n["NodeID"] for n in ray.nodes()}
     finally:
@@ -285,7 +298,7 @@ def test_launcher_fits_the_reproduction_config():
 
 
 def test_one_more_actor_takes_its_tensor_parallel_ranks():
-    """What the autoscaler must find room for (`sppo.selfplay` passes it on): the ranks'
+    """What the autoscaler must find room for (`cluster.selfplay` passes it on): the ranks'
     GPUs on GPUs, num_cpus per rank on CPU, the pool's own figures without parallelism."""
     from cluster.placement import actor_resources
 

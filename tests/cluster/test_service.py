@@ -1,7 +1,7 @@
 """Tests of cluster/service.py: the real service on uvicorn (loopback, a free port) answering real
-HTTP requests, with a `JobControl` backed by real `ActorPool`s of small echo actors on the local
-Ray cluster. `EchoJob` stands in for the driver: a job loop streaming items through a pool on its
-own thread while the service's threads read its state and resize its pools.
+HTTP requests, with a `JobControl` backed by real `ActorDispatcher`s of small echo actors on the
+local Ray cluster. `EchoJob` stands in for the driver: a job loop streaming items through a pool
+on its own thread while the service's threads read its state and resize its pools.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import httpx
 import pytest
 import ray
 
-from actors.pool import ActorPool
-from cluster.service import PROMETHEUS_CONTENT_TYPE, ControlServer, create_app, resolve_token
+from actors.dispatch import ActorDispatcher
+from cluster.server import ControlServer, resolve_token
+from cluster.service import PROMETHEUS_CONTENT_TYPE, create_app
 from ray_echo import Echo
 from service_fuzz import fuzz_service
 
@@ -39,22 +40,22 @@ def _work(actor, x):
     return actor.work.remote(x)
 
 
-def _echo_pool(name: str, size: int, delay: float) -> ActorPool:
+def _echo_pool(name: str, size: int, delay: float) -> ActorDispatcher:
     make = lambda: ray.remote(Echo).options(num_cpus=0.1).remote(delay)  # noqa: E731
-    return ActorPool(make, size=size, max_in_flight=2, name=name)
+    return ActorDispatcher(make, size=size, max_in_flight=2, name=name)
 
 
 class EchoJob:
     """A `JobControl` over real echo-actor pools, standing in for the driver's.
 
     `run(pool, stop)` is the job loop: it keeps `backlog` items pending in the pool until `stop`
-    is set, then drains. `ActorPool` is not thread-safe, so the loop and `scale` (called on the
-    server's threads) share `lock`, and the loop sleeps outside it so that a waiting request
+    is set, then drains. `ActorDispatcher` is not thread-safe, so the loop and `scale` (called on
+    the server's threads) share `lock`, and the loop sleeps outside it so that a waiting request
     gets it. `chat` is a TEST STAND-IN: it echoes the last user message through a generator
     actor; the real generator-backed chat comes with the driver.
     """
 
-    def __init__(self, pools: dict[str, ActorPool], bounds: dict[str, tuple[int, int]]):
+    def __init__(self, pools: dict[str, ActorDispatcher], bounds: dict[str, tuple[int, int]]):
         self.pools, self.bounds = pools, bounds
         self.lock = threading.Lock()
         self.stage = "idle"

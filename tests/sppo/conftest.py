@@ -1,6 +1,6 @@
-"""Fixtures of the driver tests that need a Ray cluster of their own (test_faults.py,
-test_journal.py): `own_cluster`, a `ray start --head` cluster that outlives the driver
-processes a test starts and SIGKILLs."""
+"""Fixtures of the driver tests that need a Ray cluster of their own (test_journal.py):
+`own_cluster`, a `ray start --head` cluster that outlives the driver processes a test starts
+and SIGKILLs."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def own_cluster(tmp_path):
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
            "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           # Its workers import the judges of this folder's tests (and, like the driver, the repo).
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
+           # Its workers import the tests' slowed judges (tests/judges.py) and, like the
+           # driver, the repo.
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths are limited
     log_path = tmp_path / "head.log"

@@ -1,85 +1,67 @@
-"""End-to-end tests of the self-play loop on a real local Ray cluster.
+"""`python -m sppo.driver` refuses bad input before any work: exit code 2, a message on stderr
+that names the config field and the value, nothing written to the run directory and, for
+problems that need no cluster, Ray not even started.
 
-Two rounds of the full loop with the embedded demo's components (HF generators, the demo's
-Python judge, two FSDP2 trainer workers on gloo, the collective weight broadcast), and the
-driver's refusals. `--resume` runs as users run it in test_journal.py (SIGKILLed mid-round,
-between rounds, after an unrecorded checkpoint); the loop on vLLM generators and an LLM judge
-in test_vllm_loop.py. Models are the tiny locally built ones.
+Bad values, local paths that do not exist, a pool asking for more CPUs or GPUs than the cluster
+has. The driver as a whole (SIGKILLed, resumed) runs in test_journal.py.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
-import ray
 
-from helpers import demo_config
+import cluster.launch
 from sppo.driver import main
 
-# Small but real: 2 rounds x 40 prompts, 30 held out, K=4, 24 new tokens (the demo's sizes).
-OVERRIDES = ["run.rounds=2", "data.max_prompts=80", "pools.generator.replicas=2"]
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the driver gets as far as connecting to Ray."""
+
+    def connect_ray(cfg):
+        raise AssertionError("the driver started Ray before refusing the config")
+
+    monkeypatch.setattr(cluster.launch, "connect_ray", connect_ray)
 
 
-def test_two_rounds_of_the_full_loop(ray_cluster, tmp_path):
-    from safetensors.numpy import load_file
+# Local paths only: a hub id ("org/name") cannot be checked without the hub, and is reported
+# where it is loaded.
+MISSING_PATHS = [
+    ("model.path", "/no/such/model", []),
+    ("model.path", "./no/such/model", []),
+    ("data.path", "/no/such/prompts.jsonl", []),
+    ("judge.model_path", "/no/such/reward-model", ["judge.backend=reward_model"]),
+]
 
-    from actors.engines.hf_generator import HFGenerationEngine
-    from sppo.selfplay import SelfPlay
 
-    cfg = demo_config(tmp_path, *OVERRIDES)
-    job = SelfPlay(cfg, tmp_path / "run")
-    job.setup()
-    try:
-        job.baseline = job._baseline()
-        assert len(job.baseline) == 30
-        for t in range(2):
-            shard = job.split.shards[t]
-            report = job.round(t)
-            # Every prompt accounted for exactly once: annotated or failed with a reason.
-            counts = report["prompts"]
-            failed_ids = [f["prompt_id"] for f in report["failed"]]
-            assert counts["prompts"] == len(shard) == 40
-            assert counts["annotated"] + counts["failed"] == len(shard)
-            assert len(set(failed_ids)) == len(failed_ids) <= 2
-            assert set(failed_ids) <= {p.id for p in shard}
-            assert report["trainer"]["rows_put"] == counts["rows"]
-            # All generators on the new weight version, received over the gloo broadcast.
-            assert report["sync"]["generator_versions"] == [t + 1, t + 1]
-            assert report["sync"]["method"] == "collective" and report["sync"]["receivers"] == 2
-            # The generators hold exactly the trainer's saved checkpoint ...
-            hf_dir = Path(report["checkpoint"])
-            saved = {}
-            for f in hf_dir.glob("*.safetensors"):
-                saved.update(load_file(str(f)))
-            for actor in job.generators.actors():
-                held = ray.get(actor.state_dict_numpy.remote())
-                for name, want in saved.items():
-                    np.testing.assert_allclose(held[name], want, rtol=0, atol=1e-6, err_msg=name)
-            # ... so they sample what the checkpoint samples, token for token.
-            prompts = [g.prompt for g in list(job.baseline.values())[:4]]
-            job.generators.submit(prompts)
-            got = {g.prompt.id: g.response_ids for g in job.generators.drain()}
-            s = cfg.sampling
-            ref = HFGenerationEngine(str(hf_dir), k=s.k, temperature=s.temperature,
-                                     top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                                     seed=s.seed, return_logprobs=False)
-            for g in ref.generate(prompts):
-                assert got[g.prompt.id] == g.response_ids
-        # The demo's judge prefers "e"-rich responses; two rounds move the policy towards them.
-        win = report["win_rate_vs_round0"]
-        assert win["n"] == 30 and win["mean"] > 0.5
-        job.trainer.finish(timeout_s=300)
-    finally:
-        job.generators.shutdown()
-        job.judges.shutdown()
-    run = tmp_path / "run"
-    assert json.loads((run / "state.json").read_text())["completed_rounds"] == 2
-    assert (run / "progress.png").stat().st_size > 1000
-    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {l["kind"] for l in steps} == {"step", "round"}
+@pytest.mark.parametrize("field,value,extra", MISSING_PATHS,
+                         ids=[f"{f}={v}" for f, v, _ in MISSING_PATHS])
+def test_missing_local_path_is_refused_before_ray(tmp_path, capsys, no_ray, field, value, extra):
+    code = main([f"run.output_dir={tmp_path}", f"{field}={value}", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert field in err and value in err and "does not exist" in err
+    assert not any(tmp_path.iterdir())  # no run directory, no config.yaml
+
+
+def test_existing_paths_and_hub_ids_pass_the_path_check(tmp_path, capsys, no_ray):
+    """A hub id or a `builtin:` name is not a local path; the check must not refuse it (here
+    the driver goes on to start Ray, which the fixture turns into the AssertionError)."""
+    with pytest.raises(AssertionError, match="started Ray"):
+        main([f"run.output_dir={tmp_path}", "model.path=someone/some-model"])
+    with pytest.raises(AssertionError, match="started Ray"):
+        main([f"run.output_dir={tmp_path}", "model.path=builtin:tiny-llama"])
+
+
+def test_pool_asking_for_more_cpus_than_the_cluster_is_refused(ray_cluster, tmp_path, capsys):
+    """4 generators x 8 CPUs on the session's 16-CPU cluster: refused, naming the pool and
+    both amounts, before any actor starts."""
+    code = main([f"run.output_dir={tmp_path}", "pools.generator.replicas=4",
+                 "pools.generator.max_replicas=4", "pools.generator.num_cpus=8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pools.generator" in err and "32" in err and "16" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_config_stops_before_any_work(tmp_path, capsys):

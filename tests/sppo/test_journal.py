@@ -1,6 +1,6 @@
 """The round journal (`sppo.journal`), its export (`sppo.export`) and the metric sinks
 (`sppo.tracking`); then, end to end against a cluster of their own, the driver SIGKILLed mid-round
-and `--resume`d from the journal, and a run trained from a journal (`data.annotated`).
+and `--resume`d from the journal, and a run trained from a journal (`data.from_journal`).
 
 Unit tests write records built here (no Ray). The end-to-end test runs the demo's loop (tiny
 Llama, a slowed demo judge, two FSDP2 workers) as `python -m sppo.driver` subprocesses, with a
@@ -380,7 +380,7 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
     # C: trained from A's journal, nothing sampled or judged: A's weights.
     c = tmp_path / "c-run"
     text = _wait(own_cluster.driver([*args, "run.name=c-run", "run.rounds=1",
-                                     f"data.annotated={a / 'rounds' / 'round-0'}"],
+                                     f"data.from_journal={a / 'rounds' / 'round-0'}"],
                                     tmp_path / "c.log"), tmp_path / "c.log")
     assert "no sampling or judging" in text and "Generator" not in text
     pc = json.loads((c / "rounds" / "round-0.json").read_text())["prompts"]

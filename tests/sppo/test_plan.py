@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import sppo.driver
+import cluster.launch
 from sppo.config import load_config
-from sppo.driver import check_memory, main
+from cluster.launch import check_memory
+from sppo.driver import main
 from sppo.model_facts import model_facts
 from sppo.plan import GIB, activation_bytes, build_plan, gpu_memory_gib
 
@@ -90,7 +91,7 @@ def test_plan_refusal_starts_nothing(monkeypatch, tmp_path, capsys):
     def connect_ray(cfg):
         raise AssertionError("--plan started Ray")
 
-    monkeypatch.setattr(sppo.driver, "connect_ray", connect_ray)
+    monkeypatch.setattr(cluster.launch, "connect_ray", connect_ray)
     assert main(["--plan", "--config", str(MISTRAL), LLAMA_70B,
                  f"run.output_dir={tmp_path}"]) == 2
     assert "trainer.num_workers" in capsys.readouterr().err
@@ -296,17 +297,15 @@ def test_driver_refuses_before_any_actor(monkeypatch, tmp_path, capsys):
     (which starts every actor) is built, and writes nothing."""
     import ray
 
-    import sppo.selfplay
-
     node = _node(8, "H100")
-    monkeypatch.setattr(sppo.driver, "connect_ray", lambda cfg: None)
+    monkeypatch.setattr(cluster.launch, "connect_ray", lambda cfg: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(node["Resources"]))
     monkeypatch.setattr(ray, "nodes", lambda: [node])
 
     def no_actors(*args, **kwargs):
         raise AssertionError("the driver went on to start the job")
 
-    monkeypatch.setattr(sppo.selfplay, "SelfPlay", no_actors)
+    monkeypatch.setattr(cluster.launch, "SelfPlay", no_actors)
     assert main(["--config", str(MISTRAL), LLAMA_70B, f"run.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "does not fit the cluster's GPU memory" in err and "trainer.num_workers" in err

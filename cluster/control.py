@@ -1,9 +1,10 @@
-"""The running job as the control service sees it: `JobControl` (cluster/service.py) over a
-`SelfPlay`.
+"""The running job as the control service sees it: `JobControl` (cluster/service.py) over the
+`JobView` a self-play loop publishes (`cluster.job_view`).
 
 The service calls these methods from its worker threads while the driver's thread runs the
-rounds. They only read the job's counters and files, or call the pools, which are thread-safe
-(`actors.batched_pool.BatchedPool`); none of them waits on the round. In particular:
+rounds. They read the latest view and the run directory's files, or call the pools, which are
+thread-safe (`actors.pool.Pool`); none of them reads the loop's own state or waits on the
+round. In particular:
 - `scale` resizes a pool at once; while a weight sync is in progress the generator pool defers
   it to the end of the sync (`hold_resizes`), and the pool's status shows the `target` size;
 - `chat` templates the conversation with the policy's tokenizer and sends it to one prepared
@@ -19,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-if TYPE_CHECKING:
-    from sppo.selfplay import SelfPlay
+from cluster.job_view import JobView
+from sppo.config import Config
 
 __all__ = ["SelfPlayControl"]
 
@@ -35,39 +37,43 @@ _POOLS = ("generator", "judge")
 
 
 class SelfPlayControl:
-    """`JobControl` for one `SelfPlay` job (see `cluster.service.JobControl` for the shapes).
+    """`JobControl` for one self-play job (see `cluster.service.JobControl` for the shapes):
+    `view()` returns the job's latest `JobView` (`SelfPlay.view`), `cfg` is its config and
+    `run_dir` its run directory.
 
     `chat_timeout_s`: how long a chat may wait for its generator (it queues behind the batch
     that generator is running); `status_timeout_s`: how long `status` waits for the trainer's
     stream to answer before reporting it as unknown."""
 
-    def __init__(self, job: "SelfPlay", *, chat_timeout_s: float = 120.0,
-                 status_timeout_s: float = 2.0):
-        self.job = job
+    def __init__(self, view: Callable[[], JobView], cfg: Config, run_dir: Path, *,
+                 chat_timeout_s: float = 120.0, status_timeout_s: float = 2.0):
+        self.view, self.cfg, self.run_dir = view, cfg, Path(run_dir)
         self.chat_timeout_s = chat_timeout_s
         self.status_timeout_s = status_timeout_s
 
     # ------------------------------------------------------------------ reading
 
     def status(self) -> dict[str, Any]:
-        job, cfg = self.job, self.job.cfg
-        progress = job.pipeline.snapshot() if job.pipeline is not None else None
+        view, cfg = self.view(), self.cfg
+        progress = view.progress
         return {
             "run": cfg.run.name,
-            "round": job.current_round,
+            "round": view.round,
             "rounds": cfg.run.rounds,
-            "completed_rounds": job.state["completed_rounds"],
-            "stage": job.stage,
+            "completed_rounds": view.completed_rounds,
+            "stage": view.stage,
             "progress": progress,
             "throughput": {
                 "prompts_per_s": progress["prompts_per_s"] if progress else 0.0,
                 "tokens_per_s": progress["tokens_per_s"] if progress else 0.0,
-                "trainer_tokens_per_s": self._last_report_value("trainer", "tokens_per_s"),
+                "trainer_tokens_per_s": _number((view.last_report or {}).get(
+                    "trainer", {}).get("tokens_per_s")),
             },
-            "trainer": self._trainer_status(),
-            "pools": {name: self._pool_status(name) for name in _POOLS
-                      if self._pool(name) is not None},
-            "weight_version": self._weight_version(),
+            "trainer": self._trainer_status(view),
+            "pools": {name: self._pool_status(view, name) for name in _POOLS
+                      if _pool(view, name) is not None},
+            "weight_version": view.generators.version if view.generators is not None
+            else view.completed_rounds,
         }
 
     def metrics(self) -> dict[str, float]:
@@ -101,7 +107,7 @@ class SelfPlayControl:
     def rounds(self) -> list[dict]:
         """The round reports on disk (so a resumed run lists the rounds of earlier sessions
         too), in round order."""
-        folder = self.job.run_dir / "rounds"
+        folder = self.run_dir / "rounds"
         reports = []
         for path in folder.glob("round-*.json") if folder.is_dir() else []:
             try:
@@ -115,10 +121,11 @@ class SelfPlayControl:
     def scale(self, pool: str, replicas: int) -> dict[str, Any]:
         if pool not in _POOLS:
             raise ValueError(f"unknown pool {pool!r}; pools: {list(_POOLS)}")
-        target = self._pool(pool)
-        if target is None or self.job.stage == "finished":
-            raise ValueError(f"the {pool} pool is not running (job stage: {self.job.stage})")
-        c = getattr(self.job.cfg.pools, pool)
+        view = self.view()
+        target = _pool(view, pool)
+        if target is None or view.stage == "finished":
+            raise ValueError(f"the {pool} pool is not running (job stage: {view.stage})")
+        c = getattr(self.cfg.pools, pool)
         if not c.min_replicas <= replicas <= c.max_replicas:
             raise ValueError(f"pools.{pool}: replicas {replicas} is outside "
                              f"[min_replicas, max_replicas] = [{c.min_replicas}, "
@@ -126,14 +133,14 @@ class SelfPlayControl:
         log.info("control service: resizing the %s pool from %d to %d", pool, target.size,
                  replicas)
         target.resize(replicas)
-        return self._pool_status(pool)
+        return self._pool_status(view, pool)
 
     def chat(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,
              n: int) -> list[dict]:
-        job = self.job
-        generators, tokenizer = self._pool("generator"), getattr(job, "tokenizer", None)
-        if generators is None or tokenizer is None or job.stage == "finished":
-            raise RuntimeError(f"no generator is running (job stage: {job.stage})")
+        view = self.view()
+        generators, tokenizer = view.generators, view.tokenizer
+        if generators is None or tokenizer is None or view.stage == "finished":
+            raise RuntimeError(f"no generator is running (job stage: {view.stage})")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the policy's tokenizer has no chat template")
         try:  # rendered, then tokenized without special tokens: the template holds them
@@ -167,29 +174,23 @@ class SelfPlayControl:
 
     # ------------------------------------------------------------------ helpers
 
-    def _pool(self, name: str) -> Optional[Any]:
-        return getattr(self.job, "generators" if name == "generator" else "judges", None)
-
-    def _pool_status(self, name: str) -> dict[str, Any]:
-        c = getattr(self.job.cfg.pools, name)
-        return {**self._pool(name).status(), "min": c.min_replicas, "max": c.max_replicas,
+    def _pool_status(self, view: JobView, name: str) -> dict[str, Any]:
+        c = getattr(self.cfg.pools, name)
+        return {**_pool(view, name).status(), "min": c.min_replicas, "max": c.max_replicas,
                 "autoscale": c.autoscale}
 
-    def _weight_version(self) -> int:
-        generators = self._pool("generator")
-        return generators.version if generators is not None else \
-            self.job.state["completed_rounds"]
-
-    def _trainer_status(self) -> Optional[dict]:
-        stream = getattr(self.job, "stream", None)
-        if stream is None:
+    def _trainer_status(self, view: JobView) -> Optional[dict]:
+        if view.stream is None:
             return None
         try:
-            return ray.get(stream.status.remote(), timeout=self.status_timeout_s)
+            return ray.get(view.stream.status.remote(), timeout=self.status_timeout_s)
         except (GetTimeoutError, RayActorError) as exc:
             return {"error": f"{type(exc).__name__}: the trainer stream did not answer"}
 
-    def _last_report_value(self, section: str, key: str) -> Optional[float]:
-        reports = self.job.reports
-        value = reports[-1].get(section, {}).get(key) if reports else None
-        return float(value) if isinstance(value, (int, float)) else None
+
+def _pool(view: JobView, name: str) -> Optional[Any]:
+    return view.generators if name == "generator" else view.judges
+
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) else None

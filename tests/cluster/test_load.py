@@ -29,7 +29,7 @@ from actors.generator import GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig
 from sppo.journal import JournalWriter, read_round
-from sppo.pipeline import RoundPipeline
+from cluster.pipeline import RoundPipeline
 from sppo.records import Generation, Prompt
 from sppo.rows import rows_from_annotated
 from sppo.tiny import synthetic_prompts

@@ -1,8 +1,8 @@
 """The self-play job: set up the pools and the trainer once, then run rounds.
 
 One round reads on one screen (`SelfPlay.round`): generate + judge + train (streamed together
-by `sppo.pipeline`), finish training, sync weights, checkpoint, evaluate; each a named, timed
-step. Everything a round produces goes to the run directory:
+by `cluster.pipeline`), finish training, sync weights, log the step metrics, evaluate; each a
+named, timed step. Everything a round produces goes to the run directory:
 
     <run_dir>/config.yaml          resolved config
     <run_dir>/data_report.txt      bad prompt rows, each with index and reason
@@ -17,44 +17,55 @@ step. Everything a round produces goes to the run directory:
 
 A round stopped midway (the driver died) resumes from its journal: its prompts' rows go to the
 trainer first (which restarts the round from its start checkpoint), and only the prompts
-missing from the journal are generated and judged. With `data.annotated` the rounds' rows come
-from existing journals and no generator or judge starts.
+missing from the journal are generated and judged. With `data.from_journal` the rounds' rows
+come from existing journals and no generator or judge starts.
 
-Not here: command-line parsing and connecting to Ray (`sppo.driver`), the pools and trainer
-(`actors/`), the maths (`sppo.preference`, `sppo.loss`).
+The actors are placed by role on a role-labelled cluster (`cluster.placement`): the decision is
+made here and passed to the factories and the trainer as a label selector.
+
+Not here: command-line parsing (`sppo.driver`), connecting to Ray (`cluster.launch`), the pools
+and trainer (`actors/`), the maths (`sppo.preference`, `sppo.loss`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import ray
+from transformers import AutoTokenizer
 
 from actors.generator import GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
-from actors.stream import create_stream
-from actors.trainer import TrainerRun, object_store_hand_off
-from actors.weight_sync import CollectiveHandOff
-from actors.weights import resolve_backend
-from cluster.autoscale import AutoscaledPool, PipelineAutoscaler, QueueAutoscaler
-from cluster.placement import actor_resources
+from actors.stream import RoundResult, create_stream
+from actors.trainer import TrainerRun
+from actors.weights.object_store import ObjectStoreHandOff
+from actors.weights.sender import CollectiveHandOff
+from actors.weights.transport import resolve_backend
+from cluster.autoscale import AutoscaleTarget, PipelineAutoscaler, QueueAutoscaler
+from cluster.evaluation import Evaluation
+from cluster.job_view import JobView
+from cluster.pipeline import Backlog, RoundPipeline
+from cluster.placement import actor_resources, role_selector
 from sppo.config import Config, dump_yaml, logger_names, to_dict
 from sppo.data import load_prompts, split_rounds
-from sppo.evaluate import cross_win_rate, merge_for_eval, plot_progress, summarize
+from sppo.evaluate import plot_progress
 from sppo.journal import JournalWriter, RoundJournal, fingerprint, judge_identity, read_round, \
     round_dir
-from sppo.pipeline import Backlog, RoundOutcome, RoundPipeline
-from sppo.records import Annotated, Generation, Prompt, TrainRow
-from sppo.replay import annotated_sources, replay, stopped_round_journal
-from sppo.rows import rows_from_annotated
-from sppo.tracking import Trackers, samples_of
+from sppo.records import Annotated, Prompt, RoundOutcome, TrainRow
+from sppo.resume import feed_journal, journal_sources, stopped_round_journal
+from sppo.rows import rows_from_annotated, rows_per_prompt
 from sppo.tiny import resolve_model_path
+from sppo.tracking import Trackers, samples_of
+
+__all__ = ["SelfPlay"]
 
 log = logging.getLogger("sppo.driver")
 
@@ -66,23 +77,13 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def _gen_from_dict(d: dict) -> Generation:
-    p = d["prompt"]
-    prompt = Prompt(id=p["id"], text=p["text"], token_ids=tuple(p["token_ids"]), raw=p["raw"],
-                    reference=p.get("reference"))
-    return Generation(prompt=prompt, response_ids=d["response_ids"], texts=d["texts"],
-                      finish_reasons=d["finish_reasons"], logprobs=d.get("logprobs"),
-                      weight_version=d.get("weight_version", 0))
-
-
 class SelfPlay:
     """The job. `tick`, when given, runs once per poll of the streaming pipeline (between
     pool calls); by default it is the autoscaler of the pools whose config says
     `autoscale: true` (`cluster.autoscale.PipelineAutoscaler`), or nothing.
 
-    Read by the control service from its own threads (`sppo.control`): `stage`,
-    `current_round`, `pipeline` (the round in progress), `state`, and the pools, which are
-    thread-safe."""
+    The control service reads `view()` (a `JobView` the job publishes) from its own threads,
+    never the job's attributes."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, resume: bool = False,
                  tick: Optional[Callable[[Backlog], None]] = None):
@@ -91,14 +92,25 @@ class SelfPlay:
         self.state = json.loads(self.state_path.read_text()) if resume and \
             self.state_path.is_file() else {"completed_rounds": 0, "checkpoint": None}
         self.reports: list[dict] = []
-        self.stage = "starting"
-        self.current_round: Optional[int] = None
-        self.pipeline: Optional[RoundPipeline] = None
         self.tick = tick
         self.generators: Optional[GeneratorPool] = None
         self.judges: Optional[JudgePool] = None
+        self.evaluation: Optional[Evaluation] = None
         self.trackers: Optional[Trackers] = None
         self.resume_journal: Optional[RoundJournal] = None  # the stopped round's records
+        self._view = JobView(completed_rounds=self.state["completed_rounds"])
+        self._view_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ the view
+
+    def view(self) -> JobView:
+        """The job as the control service sees it (safe from any thread)."""
+        with self._view_lock:
+            return self._view
+
+    def _publish(self, **changes) -> None:
+        with self._view_lock:
+            self._view = dataclasses.replace(self._view, **changes)
 
     # ------------------------------------------------------------------ set-up
 
@@ -106,18 +118,16 @@ class SelfPlay:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.base_model = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-        from transformers import AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-        if cfg.data.annotated:
-            self.sources = annotated_sources(cfg.data.annotated, cfg.run.rounds)
+        if cfg.data.from_journal:
+            self.sources = journal_sources(cfg.data.from_journal, cfg.run.rounds)
         else:
             self._load_prompts()
 
         self._adopt_trained_rounds()
         start = self.state["completed_rounds"]
         gen_model = self.state["checkpoint"] if start else self.base_model
-        if start < cfg.run.rounds and not cfg.data.annotated and cfg.run.journal:
+        if start < cfg.run.rounds and not cfg.data.from_journal and cfg.run.journal:
             self.resume_journal = stopped_round_journal(
                 self.run_dir, start, fingerprint(cfg, [p.id for p in self.split.shards[start]]),
                 resume=self.resume, on_corrupt=cfg.run.journal_on_corrupt)
@@ -127,17 +137,8 @@ class SelfPlay:
                                  mlflow_tracking_uri=cfg.run.mlflow_tracking_uri)
         # Written once the checks passed: a run refused above leaves the directory as it was.
         (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        if not cfg.data.annotated:
-            self.generators = GeneratorPool(
-                make_generator_factory(gen_model, cfg.sampling, cfg.generator,
-                                       cfg.pools.generator, dtype=cfg.model.dtype),
-                cfg.pools.generator)
-            if start:  # generators start from the checkpoint: its weights are version `start`
-                self.generators.mark_synced(start, gen_model)
-            self.judges = JudgePool(make_judge_factory(cfg.judge, cfg.pools.judge),
-                                    cfg.pools.judge)
-            if self.tick is None:
-                self.tick = self._autoscaler()
+        if not cfg.data.from_journal:
+            self._start_pools(gen_model, start)
         t = cfg.trainer
         self.stream = create_stream(world_size=t.num_workers, global_batch_size=t.global_batch_size,
                                     buffer_rows=max(t.stream_buffer, t.global_batch_size),
@@ -146,26 +147,53 @@ class SelfPlay:
                                     seed=cfg.run.seed)
         if start:  # the trainer must resume from this round's checkpoint, not an older one
             ray.get(self.stream.mark_done.remote(start - 1, str(Path(gen_model).parent)))
-        self.sync_method = cfg.weight_sync.method
-        if cfg.data.annotated:  # no generators to send to: the weights stay in the checkpoint
-            self.sync_method = "object_store"
-        elif self.sync_method == "auto":
-            # NCCL between GPUs, and always for vLLM (its weights live in its workers); HF
-            # generators on CPU take the object store (shared memory on a node), which
-            # measured faster there than gloo over loopback (bench/weights.py).
-            self.sync_method = "collective" if t.use_gpu or cfg.generator.backend == "vllm" \
-                else "object_store"
-        if self.sync_method == "collective":
-            hand_off = CollectiveHandOff(self.stream,
-                                         backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
-                                         bucket_mb=cfg.weight_sync.bucket_mb,
-                                         timeout_s=cfg.weight_sync.timeout_s,
-                                         dtype=cfg.model.dtype)
-        else:
-            hand_off = object_store_hand_off
+        self.sync_method = self._sync_method()
+        hand_off = CollectiveHandOff(self.stream,
+                                     backend=resolve_backend(cfg.weight_sync.backend, t.use_gpu),
+                                     bucket_mb=cfg.weight_sync.bucket_mb,
+                                     timeout_s=cfg.weight_sync.timeout_s,
+                                     dtype=cfg.model.dtype) \
+            if self.sync_method == "collective" else \
+            ObjectStoreHandOff(bucket_mb=cfg.weight_sync.bucket_mb, dtype=cfg.model.dtype)
         self.trainer = TrainerRun(model_path=self.base_model, trainer=t, stream=self.stream,
                                   storage_path=str(self.run_dir), name="train",
-                                  hand_off=hand_off).start()
+                                  hand_off=hand_off,
+                                  label_selector=role_selector("trainer")).start()
+        self._publish(stage="ready", generators=self.generators, judges=self.judges,
+                      stream=self.stream, tokenizer=self.tokenizer)
+
+    def _start_pools(self, gen_model: str, start: int) -> None:
+        cfg = self.cfg
+        # Placed on their role's nodes of a role-labelled cluster, anywhere otherwise; asked
+        # per actor, since nodes join and leave.
+        self.generators = GeneratorPool(
+            make_generator_factory(gen_model, cfg.sampling, cfg.generator, cfg.pools.generator,
+                                   dtype=cfg.model.dtype,
+                                   label_selector=functools.partial(role_selector,
+                                                                    "generator")),
+            cfg.pools.generator)
+        if start:  # generators start from the checkpoint: its weights are version `start`
+            self.generators.mark_synced(start, gen_model)
+        self.judges = JudgePool(
+            make_judge_factory(cfg.judge, cfg.pools.judge,
+                               label_selector=functools.partial(role_selector, "judge")),
+            cfg.pools.judge)
+        self.evaluation = Evaluation(self.generators, self.judges,
+                                     self.run_dir / "eval_baseline.jsonl")
+        if self.tick is None:
+            self.tick = self._autoscaler()
+
+    def _sync_method(self) -> str:
+        cfg = self.cfg
+        if cfg.data.from_journal:  # no generators to send to: the weights stay in the checkpoint
+            return "object_store"
+        if cfg.weight_sync.method != "auto":
+            return cfg.weight_sync.method
+        # NCCL between GPUs, and always for vLLM (its weights live in its workers); HF
+        # generators on CPU take the object store (shared memory on a node), which measured
+        # faster there than gloo over loopback (bench/weights.py).
+        return "collective" if cfg.trainer.use_gpu or cfg.generator.backend == "vllm" \
+            else "object_store"
 
     def _load_prompts(self) -> None:
         cfg = self.cfg
@@ -203,7 +231,9 @@ class SelfPlay:
         self.setup()
         try:
             with self._step("baseline", {}):
-                self.baseline = self._baseline() if self.generators is not None else {}
+                if self.evaluation is not None:
+                    self.evaluation.baseline(self.split.eval,
+                                             resumed=bool(self.state["completed_rounds"]))
             for t in range(self.state["completed_rounds"], self.cfg.run.rounds):
                 self.reports.append(self.round(t))
             self.trainer.finish(timeout_s=600)
@@ -213,15 +243,15 @@ class SelfPlay:
                     pool.shutdown()
             if self.trackers is not None:
                 self.trackers.close()
-        self.stage = "finished"
+        self._publish(stage="finished")
         return self.reports
 
     def round(self, t: int) -> dict:
-        """generate + judge + train (streamed) -> finish training -> sync -> checkpoint -> evaluate."""
+        """generate + judge + train (streamed) -> finish training -> sync -> metrics -> evaluate."""
         timings: dict = {}
-        self.current_round = t
+        self._publish(round=t, progress=None)
         with self._step("generate+judge+train", timings):
-            if self.cfg.data.annotated:
+            if self.cfg.data.from_journal:
                 outcome, journal = self._journaled_round(t)
             else:
                 outcome, journal = self._stream_round(t, self.split.shards[t])
@@ -234,11 +264,11 @@ class SelfPlay:
                 result = self.trainer.wait_round_done(t)
             with self._step("sync", timings):
                 sync = self._sync(t, result)
-        with self._step("checkpoint", timings):
+        with self._step("metrics", timings):
             steps = ray.get(self.stream.step_metrics.remote(t))
             self._log_metrics(t, steps)
         with self._step("evaluate", timings):
-            win = self.evaluate(t + 1)
+            win = self.evaluation.win_rate() if self.evaluation is not None else None
         # The judges' own counts (the LLM judge's truncated responses, bounded pairs, failures
         # by kind), each since its actor started.
         judge_counters = self.judges.counters() if self.judges is not None else {}
@@ -252,6 +282,7 @@ class SelfPlay:
         _write_json(self.run_dir / "rounds" / f"round-{t}.json", report)
         self.state = {"completed_rounds": t + 1, "checkpoint": report["checkpoint"]}
         _write_json(self.state_path, self.state)
+        self._publish(completed_rounds=t + 1, last_report=report)
         self._append_metrics({"kind": "round", "round": t, **{
             k: report[k] for k in ("win_rate_vs_round0", "mean_loss", "timings_s")},
             "accounted": outcome.summary()})
@@ -277,8 +308,10 @@ class SelfPlay:
                  f" ({len(done)} from the stopped round's journal, {len(todo)} to generate "
                  "and judge)" if journal else "")
         self._begin_round(t, len(shard))
-        replayed = replay(journal.rows if journal else [], put=lambda rows: self._put(t, rows),
-                          batch_rows=cfg.trainer.global_batch_size, offer=self._offer_sample)
+        from_journal = feed_journal(journal.rows if journal else [],
+                                    put=lambda rows: self._put(t, rows),
+                                    batch_rows=cfg.trainer.global_batch_size,
+                                    offer=self._offer_sample)
         writer = JournalWriter(round_dir(self.run_dir, t), round=t,
                                judge=judge_identity(cfg),
                                meta=fingerprint(cfg, [p.id for p in shard]),
@@ -293,17 +326,19 @@ class SelfPlay:
                 self._offer_sample(rec.prompt.raw or rec.prompt.text, rec.generation.texts,
                                    rec.win_rates)
 
-        self.pipeline = RoundPipeline(
+        def progress(p: dict) -> None:
+            log.info("round %d progress: %s", t, p)
+
+        pipeline = RoundPipeline(
             self.generators, self.judges, sink=lambda rows: self._put(t, rows),
             to_rows=lambda a: rows_from_annotated(a, cfg.trainer.selection),
             generate_batch=cfg.pools.generator.batch_size,
-            judge_batch=cfg.pools.judge.batch_size,
-            progress=lambda p: log.info("round %d progress: %s", t, p), tick=self.tick,
-            record=record)
-        outcome = self.pipeline.run(todo)
+            judge_batch=cfg.pools.judge.batch_size, progress=progress, tick=self.tick,
+            record=record, observe=lambda p: self._publish(progress=p))
+        outcome = pipeline.run(todo)
         if writer is not None:
             writer.flush()
-        outcome = replayed.merge(outcome, redone=len(todo) if journal else 0)
+        outcome = from_journal.merge(outcome, redone=len(todo) if journal else 0)
         info = {"dir": str(round_dir(self.run_dir, t)) if writer else None,
                 "files_written": len(writer.files) if writer else 0,
                 "files_read": [str(f) for f in journal.files] if journal else [],
@@ -312,24 +347,24 @@ class SelfPlay:
         return outcome, info
 
     def _journaled_round(self, t: int) -> tuple[RoundOutcome, dict]:
-        """`data.annotated`: round `t`'s rows from its source journal, rebuilt for this
+        """`data.from_journal`: round `t`'s rows from its source journal, rebuilt for this
         config's trainer.selection; nothing is sampled or judged."""
         src = self.sources[t]
         journal = read_round(src, on_corrupt=self.cfg.run.journal_on_corrupt, quarantine=False)
         log.info("round %d/%d: %d prompts from the journal %s", t + 1, self.cfg.run.rounds,
                  len(journal.rows), src)
         self._begin_round(t, len(journal.rows))
-        outcome = replay(journal.rows, put=lambda rows: self._put(t, rows),
-                         batch_rows=self.cfg.trainer.global_batch_size,
-                         selection=self.cfg.trainer.selection, offer=self._offer_sample)
+        outcome = feed_journal(journal.rows, put=lambda rows: self._put(t, rows),
+                               batch_rows=self.cfg.trainer.global_batch_size,
+                               selection=self.cfg.trainer.selection, offer=self._offer_sample)
         return outcome, {"dir": None, "source": str(src), "files_read": [
             str(f) for f in journal.files], "skipped_files": [
             dict(file=f, reason=r) for f, r in journal.skipped]}
 
     def _begin_round(self, t: int, prompts: int) -> None:
-        per_prompt = 1 if self.cfg.trainer.selection == "pair" else self.cfg.sampling.k
         self._samples: list[dict] = []
-        ray.get(self.stream.begin_round.remote(t, prompts * per_prompt))
+        rows = prompts * rows_per_prompt(self.cfg.trainer.selection, self.cfg.sampling.k)
+        ray.get(self.stream.begin_round.remote(t, rows))
 
     def _put(self, t: int, rows: list[TrainRow]) -> None:
         ray.get(self.stream.put.remote(t, rows))  # blocks while the trainer's buffer is full
@@ -346,7 +381,7 @@ class SelfPlay:
 
     def _autoscaler(self) -> Optional[PipelineAutoscaler]:
         # Room for one more actor: its tensor-parallel ranks included.
-        scaled = [AutoscaledPool(pool, QueueAutoscaler(
+        scaled = [AutoscaleTarget(pool, QueueAutoscaler(
                       c.min_replicas, c.max_replicas, c.scale_up_backlog, c.scale_down_idle_s,
                       c.scale_cooldown_s), backlog, *actor_resources(role, c))
                   for pool, c, backlog, role in (
@@ -355,22 +390,21 @@ class SelfPlay:
                   if c.autoscale]
         return PipelineAutoscaler(scaled) if scaled else None
 
-    def _sync(self, t: int, result) -> dict:
+    def _sync(self, t: int, result: RoundResult) -> dict:
         version = t + 1
-        if self.generators is None:  # data.annotated: the round's checkpoint is the result
-            return {"method": "none", "reason": "no generators (data.annotated)"}
+        if self.generators is None:  # data.from_journal: the round's checkpoint is the result
+            return {"method": "none", "reason": "no generators (data.from_journal)"}
+        checkpoint = str(Path(result.checkpoint_path) / "hf")
+        stats = dict(result.hand_off.stats)
         if self.sync_method == "collective":
-            stats = dict(result.weights)
             # Generators that missed the sync (failed, replaced after the names were taken,
             # restarted) reload the round's checkpoint instead.
-            self.generators.mark_synced(version, str(Path(result.checkpoint_path) / "hf"))
+            self.generators.mark_synced(version, checkpoint)
             self.generators.ensure_synced()
         else:
             t0 = time.perf_counter()
-            arrays = ray.get(result.weights)
-            self.generators.broadcast_object_store(arrays, version, self.cfg.weight_sync.bucket_mb)
-            stats = {"method": "object_store", "seconds": time.perf_counter() - t0,
-                     "bytes": sum(a.nbytes for a in arrays.values())}
+            self.generators.broadcast_buckets(result.hand_off.buckets, version, checkpoint)
+            stats["seconds"] = round(time.perf_counter() - t0, 4)
         versions = self.generators.versions()
         if any(v is not None and v != version for v in versions):
             raise RuntimeError(f"after round {t} the generators hold weight versions "
@@ -381,45 +415,11 @@ class SelfPlay:
         stats["restarting"] = sum(v is None for v in versions)
         return stats
 
-    def _generate_all(self, prompts: list[Prompt]) -> dict[str, Generation]:
-        self.generators.submit(prompts)
-        out = {}
-        for rec in self.generators.drain():
-            if isinstance(rec, Generation):
-                out[rec.prompt.id] = rec
-            else:
-                log.warning("evaluation prompt %s failed: %s", rec.prompt_id, rec.reason)
-        return out
-
-    def _baseline(self) -> dict[str, Generation]:
-        """pi_0's responses on the held-out prompts (saved, so a resumed run reuses them)."""
-        path = self.run_dir / "eval_baseline.jsonl"
-        if path.is_file():
-            return {g.prompt.id: g for g in map(_gen_from_dict, map(
-                json.loads, path.read_text().splitlines()))}
-        if self.state["completed_rounds"]:
-            log.warning("no saved round-0 responses: evaluation is against the resumed policy")
-        gens = self._generate_all(self.split.eval) if self.split.eval else {}
-        path.write_text("".join(json.dumps(dataclasses.asdict(g)) + "\n" for g in gens.values()))
-        return gens
-
-    def evaluate(self, version: int):
-        """Win rate of the current generators' policy against pi_0 on the held-out prompts."""
-        if not self.baseline:
-            return None
-        current = self._generate_all([g.prompt for g in self.baseline.values()])
-        merged = [merge_for_eval(current[pid], base) for pid, base in self.baseline.items()
-                  if pid in current]
-        self.judges.submit(merged)
-        per_prompt = [cross_win_rate(rec.probs, len(rec.probs) // 2)
-                      for rec in self.judges.drain() if isinstance(rec, Annotated)]
-        return summarize(per_prompt)
-
     # ------------------------------------------------------------------ output
 
     @contextlib.contextmanager
     def _step(self, name: str, timings: dict):
-        self.stage = name
+        self._publish(stage=name)
         t0 = time.perf_counter()
         yield
         timings[name] = round(time.perf_counter() - t0, 3)

@@ -28,7 +28,7 @@ from actors.generator import Generator, GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
 from sppo.config import GeneratorConfig, JudgeConfig, PoolConfig, SamplingConfig
 from sppo.demo_judge import prefers_more_e
-from sppo.pipeline import RoundPipeline, screen_generation
+from cluster.pipeline import RoundPipeline, screen_generation
 from sppo.records import Annotated, Failed, Generation, Prompt, TrainRow
 from sppo.rows import rows_from_annotated
 

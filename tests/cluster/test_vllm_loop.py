@@ -48,14 +48,14 @@ OVERRIDES = [f"run.rounds={ROUNDS}", f"data.max_prompts={ROUNDS * PER_ROUND}",
 
 @pytest.fixture(scope="module")
 def job(ray_cluster, tmp_path_factory, tiny_llama_dir):
-    from sppo.selfplay import SelfPlay
+    from cluster.selfplay import SelfPlay
 
     tmp = tmp_path_factory.mktemp("vllm-loop")
     job = SelfPlay(demo_config(tmp, *OVERRIDES, f"judge.model_path={tiny_llama_dir}"),
                    tmp / "run")
     job.setup()
     try:
-        job.baseline = job._baseline()
+        job.evaluation.baseline(job.split.eval)
         yield job
     finally:
         if job.trainer.running():
@@ -102,11 +102,11 @@ def _check_accounting(job, t: int, report: dict, *, restarting: int = 0) -> None
 def test_two_rounds_on_vllm_generators_and_an_llm_judge(job):
     from transformers import AutoModelForCausalLM
 
-    from actors.trainer import _response_logps
+    from actors.train_step import response_logps
     from sppo.records import TrainRow
     from sppo.rows import collate
 
-    assert len(job.baseline) == EVAL
+    assert len(job.evaluation.responses) == EVAL
     k, judged = job.cfg.sampling.k, 0
     for t in range(2):
         report = job.round(t)
@@ -117,7 +117,7 @@ def test_two_rounds_on_vllm_generators_and_an_llm_judge(job):
         # torch's in the last bits: 2e-3).
         policy = AutoModelForCausalLM.from_pretrained(report["checkpoint"]).eval()
         pad = job.tokenizer.pad_token_id
-        prompts = [g.prompt for g in job.baseline.values()]
+        prompts = [g.prompt for g in job.evaluation.responses.values()]
         for actor in job.generators.actors():
             for g in ray.get(actor.generate.remote(prompts)):
                 assert g.weight_version == t + 1
@@ -125,7 +125,7 @@ def test_two_rounds_on_vllm_generators_and_an_llm_judge(job):
                     batch = collate([TrainRow(g.prompt.id, list(g.prompt.token_ids), ids, 0.5)],
                                     pad)
                     with torch.no_grad():
-                        want = _response_logps(policy, batch).item()
+                        want = response_logps(policy, batch).item()
                     assert lp == pytest.approx(want, abs=2e-3)
     (judge,) = job.judges.actors()
     counters = ray.get(judge.counters.remote())
@@ -215,7 +215,7 @@ def test_vllm_generator_killed_mid_round_is_resynced_before_sampling(job):
             time.sleep(1)
     job.generators.ensure_synced()
     assert not ray.get(victim.is_stale.remote())
-    prompts = [g.prompt for g in job.baseline.values()]
+    prompts = [g.prompt for g in job.evaluation.responses.values()]
     assert {g.weight_version for g in ray.get(victim.generate.remote(prompts))} == {t + 1}
     # The next round's sync reaches both, the restarted one through a new weight group.
     report = job.round(t + 1)

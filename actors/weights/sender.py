@@ -13,7 +13,8 @@ trainer rank 0, with the gathered full state dict, it:
    not the fp32 master copy) while every generator receives them in place
    (`Generator.receive_weights`: vLLM's weight-transfer protocol into each worker, or the HF
    model in the actor's process);
-4. returns the sync's figures, which reach the driver as `RoundResult.weights`.
+4. returns the sync's figures (`HandOffResult.stats`), which reach the driver in
+   `actors.stream.RoundResult.hand_off`.
 
 A generator that fails (its call raises, or its actor dies) is named in the result's `failed`
 with its error as soon as its call fails: the sender stops sending to it and does not wait out
@@ -22,7 +23,7 @@ The trainer does not fail because a generator did: the driver reloads the round'
 into every generator that did not reach the new version (`GeneratorPool.ensure_synced`), and a
 generator that cannot load the weights at all fails the driver there, with its error.
 
-Not here: the transport (`actors.weights`), loading into an engine (`actors.generator` and the
+Not here: the transport (`transport.py`), loading into an engine (`actors.generator` and the
 engines), when to sync (the driver).
 """
 
@@ -34,7 +35,9 @@ from typing import Any, Optional
 
 import torch
 
-from actors.weights import ReceiverFailed, WeightLayout, WeightSender
+from actors.weights import HandOffResult
+from actors.weights.layout import WeightLayout
+from actors.weights.transport import ReceiverFailed, WeightSender
 
 __all__ = ["CollectiveHandOff"]
 
@@ -91,7 +94,8 @@ class CollectiveHandOff:
         state.update(_sender=None, _members={}, _ranks={})  # a store is per process
         return state
 
-    def __call__(self, full_state_dict: dict[str, torch.Tensor], round_index: int) -> dict:
+    def __call__(self, full_state_dict: dict[str, torch.Tensor],
+                 round_index: int) -> HandOffResult:
         import ray
 
         targets = ray.get(self.stream.sync_targets.remote(round_index))
@@ -126,7 +130,7 @@ class CollectiveHandOff:
         log.info("round %d: sent %.1f MB in %d buckets to %d generator(s) in %.2fs (%d failed)",
                  round_index, stats["bytes"] / 1e6, stats["buckets"], len(targets),
                  stats["seconds"], len(failed))
-        return stats
+        return HandOffResult(stats=stats)
 
     def _checker(self, refs: dict, failed: dict[str, str]):
         """`check()` for the sender: the group ranks of generators whose call has failed."""

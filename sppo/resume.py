@@ -1,12 +1,13 @@
-"""Rounds from journals (`sppo.journal`): a stopped round's records, and journaled data to train on.
+"""Rounds from journals (`sppo.journal`): a stopped round's records (resume mid-round), and
+journaled data to train on (`data.from_journal`).
 
 - `stopped_round_journal`: the journal a driver left in the round it stopped in, checked against
   the resumed config and read, before any actor starts.
-- `annotated_sources`: `data.annotated`'s journal directory per round.
-- `replay`: journal rows to the trainer, counted as the pipeline counts (`RoundOutcome`).
+- `journal_sources`: `data.from_journal`'s journal directory per round.
+- `feed_journal`: journal rows to the trainer, counted as the pipeline counts (`RoundOutcome`).
 
 Not here: writing the journal (`sppo.journal.JournalWriter`, driven by the pipeline's `record`
-hook in `sppo.selfplay`), Ray (the caller's `put` hands rows to the trainer stream).
+hook in `cluster.selfplay`), Ray (the caller's `put` hands rows to the trainer stream).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from typing import Callable, Literal, Optional
 
 from sppo.journal import (JournalError, RoundJournal, annotated_of, check_fingerprint, failed_of,
                           read_round, round_dir, rows_of)
-from sppo.pipeline import RoundOutcome
-from sppo.records import TrainRow
+from sppo.records import RoundOutcome, TrainRow
 from sppo.rows import rows_from_annotated
 
-__all__ = ["stopped_round_journal", "annotated_sources", "replay"]
+__all__ = ["stopped_round_journal", "journal_sources", "feed_journal"]
 
 log = logging.getLogger("sppo.driver")
 
@@ -46,28 +46,28 @@ def stopped_round_journal(run_dir: Path, t: int, expected: dict, *, resume: bool
     return journal
 
 
-def annotated_sources(path: str, rounds: int) -> list[Path]:
-    """`data.annotated`'s journal directory for each of `rounds` rounds: `path` is a run
+def journal_sources(path: str, rounds: int) -> list[Path]:
+    """`data.from_journal`'s journal directory for each of `rounds` rounds: `path` is a run
     directory (round t reads rounds/round-<t>/) or one round's journal (then `rounds` must be
     1). Raises `JournalError` naming what is missing."""
     src = Path(path).expanduser()
     if (src / "meta.json").is_file() or any(src.glob("part-*.parquet")):
         if rounds != 1:
-            raise JournalError(f"data.annotated {str(src)!r} is one round's journal: set "
+            raise JournalError(f"data.from_journal {str(src)!r} is one round's journal: set "
                                f"run.rounds=1 (got {rounds}), or give the run directory")
         dirs = [src]
     else:
         dirs = [round_dir(src, t) for t in range(rounds)]
     missing = [str(d) for d in dirs if not any(d.glob("part-*.parquet"))]
     if missing:
-        raise JournalError(f"data.annotated: no journal for {len(missing)} of {rounds} "
-                           f"round(s): {missing[:3]} (lower run.rounds, or point data.annotated "
+        raise JournalError(f"data.from_journal: no journal for {len(missing)} of {rounds} "
+                           f"round(s): {missing[:3]} (lower run.rounds, or point data.from_journal "
                            "at a run directory with rounds/round-<t>/)")
     log.info("training on journaled data, no sampling or judging: %s", [str(d) for d in dirs])
     return dirs
 
 
-def replay(rows: list[dict], *, put: Callable[[list[TrainRow]], None], batch_rows: int,
+def feed_journal(rows: list[dict], *, put: Callable[[list[TrainRow]], None], batch_rows: int,
            selection: Optional[str] = None,
            offer: Callable[[str, list[str], list[float]], None] = lambda *a: None
            ) -> RoundOutcome:

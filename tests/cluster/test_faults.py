@@ -53,12 +53,11 @@ OVERRIDES = [f"run.rounds={ROUNDS}", f"data.max_prompts={16 * ROUNDS}", "data.ev
 
 @pytest.fixture(scope="module")
 def job(ray_cluster, tmp_path_factory):
-    from sppo.selfplay import SelfPlay
+    from cluster.selfplay import SelfPlay
 
     out = tmp_path_factory.mktemp("faults")
     job = SelfPlay(demo_config(out, *OVERRIDES), out / "run")
     job.setup()
-    job.baseline = {}  # no held-out prompts: no evaluation step
     try:
         yield job
     finally:
@@ -163,14 +162,14 @@ def _check_accounting(job, t: int, report: dict, *taps: Tap) -> None:
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_judge_killed_mid_round(job, how):
     t = _round_at_least(job, 0)
-    pool = job.judges._pool
     (actor,) = job.judges.actors()
-    deaths = pool.restarts_seen
+    deaths = job.judges.status()["actor_deaths"]
     with Tap(job.generators) as gens, Tap(job.judges, _killer(how, actor)) as judged:
         report = job.round(t)
     assert judged.fired_at is not None, "the round ended before the judge was killed"
-    assert pool.restarts_seen > deaths  # the call in flight was lost, then retried
-    assert job.judges.actors() == [actor] and pool.replaced == 0  # restarted in place by Ray
+    status = job.judges.status()
+    assert status["actor_deaths"] > deaths  # the call in flight was lost, then retried
+    assert job.judges.actors() == [actor] and status["replaced"] == 0  # restarted in place
     hit = {g.prompt.id for g in judged.hit}
     assert hit <= {r.generation.prompt.id for r in judged.records[judged.fired_at:]
                    if isinstance(r, Annotated)}  # judged again, after the kill
@@ -180,15 +179,15 @@ def test_judge_killed_mid_round(job, how):
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
 def test_generator_killed_mid_round_is_resynced_before_sampling(job, how):
     t = _round_at_least(job, 1)  # from round 1 on, a restarted generator holds stale weights
-    pool = job.generators._pool
     (actor,) = job.generators.actors()
     assert ray.get(actor.weight_version.remote()) == t
-    deaths = pool.restarts_seen
+    deaths = job.generators.status()["actor_deaths"]
     with Tap(job.generators, _killer(how, actor)) as gens, Tap(job.judges) as judged:
         report = job.round(t)
     assert gens.fired_at is not None, "the round ended before the generator was killed"
-    assert pool.restarts_seen > deaths
-    assert job.generators.actors() == [actor] and pool.replaced == 0  # restarted in place
+    status = job.generators.status()
+    assert status["actor_deaths"] > deaths
+    assert job.generators.actors() == [actor] and status["replaced"] == 0  # restarted in place
     # The batch in flight at the kill was sampled again, by the only generator (restarted by
     # Ray, so holding the base weights), with pi_t: it was synced before it sampled.
     again = [r for r in gens.records[gens.fired_at:] if r.prompt.id in {p.id for p in gens.hit}]

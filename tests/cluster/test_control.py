@@ -54,7 +54,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(ray_cluster, tmp_path_factory, monkeypatch_module):
-    from sppo.selfplay import SelfPlay
+    from cluster.selfplay import SelfPlay
 
     monkeypatch_module.delenv(TOKEN_ENV, raising=False)
     tmp = tmp_path_factory.mktemp("control")
@@ -67,7 +67,7 @@ def live(ray_cluster, tmp_path_factory, monkeypatch_module):
     try:
         assert live.get("/status").json()["stage"] == "starting"  # answers before set-up
         job.setup()
-        job.baseline = job._baseline()
+        job.evaluation.baseline(job.split.eval)
         yield live
     finally:
         live.http.close()
@@ -247,7 +247,7 @@ def test_driver_refuses_to_start_when_the_service_port_is_taken(ray_cluster, tmp
 def test_service_with_the_token_from_the_environment(ray_cluster, tmp_path, monkeypatch):
     """The KubeRay set-up: the token comes from the environment and the run directory does not
     exist yet when the service starts. Nothing secret is written; the env token works."""
-    from sppo.selfplay import SelfPlay
+    from cluster.selfplay import SelfPlay
 
     monkeypatch.setenv(TOKEN_ENV, "from-the-env")
     cfg = _cfg(tmp_path)
