@@ -1,4 +1,5 @@
 """The bounded stream between the judges and the trainer workers, and the trainer's control line.
+Over 400 lines: one actor's whole protocol (driver, producers, workers), each call documented.
 
 One `TrainStream` actor per job, created by the driver (`create_stream`). Three parties use it:
 

@@ -1,4 +1,5 @@
 """The self-play job: set up the pools and the trainer once, then run rounds.
+Over 400 lines: the job's set-up, its round and each of the round's steps, read in order.
 
 One round reads on one screen (`SelfPlay.round`): generate + judge + train (streamed together
 by `cluster.pipeline`), finish training, sync weights, log the step metrics, evaluate; each a

@@ -1,4 +1,5 @@
 """Memory plan: what each role needs per device, estimated from the models' `config.json` only.
+Over 400 lines: the formulas, written out below, are the plan's specification.
 
 `build_plan(cfg, gpu_memory)` reads the policy's and the judge's `config.json` (no weights),
 counts their parameters from the architecture, and estimates per device: the trainer rank

@@ -10,7 +10,7 @@ import time
 
 import ray
 
-from actors.pool import NeedsPrepare
+from actors.dispatch import NeedsPrepare
 
 
 class Echo:

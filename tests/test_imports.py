@@ -140,3 +140,15 @@ def test_the_readme_layout_names_every_module():
             if f"`{path.name}`" not in rows.get(row_of, ""):
                 missing.append(f"{folder}/{path.name}")
     assert not missing, f"README's layout table does not name: {missing}"
+
+
+def test_a_long_module_says_why_at_its_top():
+    """A module of `sppo/`, `actors/` or `cluster/` over ~400 lines names its reason in its
+    docstring's first lines ("Over 400 lines: ..."), or is split."""
+    long = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            if len(lines) > 400 and not any(l.startswith("Over 400 lines:") for l in lines[:4]):
+                long.append(f"{path.relative_to(REPO)} ({len(lines)} lines)")
+    assert not long, long

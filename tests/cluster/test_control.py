@@ -1,7 +1,7 @@
-"""Tests of sppo/control.py: the control service (`cluster.service`, real uvicorn on loopback,
+"""Tests of cluster/control.py: the control service (`cluster.service`, real uvicorn on loopback,
 real HTTP) answering for a real self-play job (`SelfPlay` with the demo's components: HF
 generators on the tiny model, the demo's Python judge, two FSDP2 trainer workers on gloo) on the
-session's local Ray cluster, started the way the driver starts it (`sppo.driver.start_service`).
+session's local Ray cluster, started the way the driver starts it (`cluster.launch.start_service`).
 
 One job serves the whole module (setting it up costs a trainer start): round 0 runs while the
 tests resize its pools through the API; between rounds the tests read its status, metrics,
@@ -21,7 +21,8 @@ import ray
 
 from helpers import demo_config
 from service_fuzz import fuzz_service
-from sppo.driver import main, start_service
+from cluster.launch import start_service
+from sppo.driver import main
 
 TOKEN_ENV = "SPPO_TEST_CONTROL_TOKEN"  # left unset: the token is generated into the run dir
 
