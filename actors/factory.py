@@ -39,7 +39,7 @@ class ActorFactory:
     `label_selector()` names. Retries are the pool's job (it re-dispatches a dead actor's
     batch): `max_task_retries=0`. `max_concurrency` > 1 makes the actor threaded (vLLM:
     concurrent calls share the engine's batch). With `tensor_parallel` each actor gets its own
-    placement group, one bundle per rank, the actor in the first."""
+    placement group, one bundle per rank on one node (STRICT_PACK), the actor in the first."""
 
     def __init__(self, actor_cls: type, pool: PoolConfig, args: tuple, *,
                  label_selector: LabelSelector = anywhere, max_concurrency: int = 1,
@@ -63,9 +63,12 @@ class ActorFactory:
             # on CPU (vLLM's multiprocessing executor, run here) the bundles reserve each
             # rank's CPUs for the worker processes the actor starts. The group, not the actor,
             # carries the placement.
+            # STRICT_PACK: every rank on one node (tensor parallelism over TCP between nodes
+            # would be far slower; a group that fits no node waits, and `--plan` /
+            # `cluster.placement.check_resources` refuse such a config up front).
             unit = {"GPU": 1.0} if p.num_gpus > 0 else {"CPU": p.num_cpus}
             bundles = [{**unit, "CPU": p.num_cpus}] + [unit] * (p.tensor_parallel_size - 1)
-            pg = placement_group(bundles, strategy="PACK", **(
+            pg = placement_group(bundles, strategy="STRICT_PACK", **(
                 {"bundle_label_selector": [selector] * len(bundles)} if selector else {}))
             self._placement_groups.append(pg)
             options.update(num_cpus=0, num_gpus=0,

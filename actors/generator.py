@@ -73,11 +73,14 @@ class Generator:
         self._stale = ray.get_runtime_context().was_current_actor_reconstructed
         self._cond = threading.Condition()
         self._serving = 0  # generate/chat calls in progress
-        # None, "open" (start_weight_update called, buckets may follow in later calls) or
-        # "call" (a one-call update is running: receive_weights, reload_weights, load_buckets).
+        # None, "open" (start_weight_update called, buckets may follow in later calls),
+        # "call" (a one-call update is running: reload_weights, load_buckets) or "sync" (a
+        # collective sync: prepare_weights done, receive_weights to come).
         self._update: Optional[str] = None
         self._update_error: Optional[str] = None
         self._weight_group: Optional[str] = None  # key of the trainer's group it joined
+        self._sync: Optional[tuple[dict, int, int]] = None  # prepared: layout, version, token
+        self._syncs = 0  # tokens of prepared syncs (one expires only if it is still the one)
 
     @staticmethod
     @contextlib.contextmanager
@@ -98,7 +101,7 @@ class Generator:
     def _serve(self) -> Iterator[None]:
         """Around a generate or chat call: waits for a one-call update to end."""
         with self._cond:
-            self._cond.wait_for(lambda: self._update != "call")
+            self._cond.wait_for(lambda: self._update not in ("call", "sync"))
             if self._update == "open":  # buckets may still come: the weights are partial
                 raise WeightsUnavailable("this generator's weights are being updated")
             self._serving += 1
@@ -114,7 +117,7 @@ class Generator:
         """Hold new calls back and wait for those in progress. An update left open by a
         caller that never finished it is replaced (its weights were partial anyway)."""
         with self._cond:
-            if self._update == "call":
+            if self._update in ("call", "sync"):
                 raise RuntimeError("a weight update is already running on this generator")
             self._update, self._update_error = kind, None
             self._cond.wait_for(lambda: self._serving == 0)
@@ -234,12 +237,63 @@ class Generator:
             self._engine.leave_weight_group()
         self._weight_group = None
 
-    def receive_weights(self, layout: dict, version: int) -> int:
-        """Receive one sync's buckets (straight into vLLM's workers, or into this process's
-        HF model) and load them in place; returns `version`."""
-        with self._one_call_update():
-            self._engine.receive_weights(layout, version)
+    def prepare_weights(self, layout: dict, version: int, expire_s: float) -> None:
+        """The first half of a collective sync, before the trainer sends any bucket: hold new
+        calls back and wait for those in progress, check `layout` against the model and open
+        the update in every process that holds weights (vLLM: `start_weight_update` in every
+        worker). If it raises, nothing changed. A prepared sync whose `receive_weights` does
+        not come within `expire_s` (the trainer gave up on it) is closed again."""
+        self._begin_update("sync")
+        try:
+            with self._engine_alive():
+                self._engine.prepare_receive(layout)
+        except BaseException:
+            self._end_update()
+            raise
+        self._syncs += 1
+        self._sync = (layout, version, self._syncs)
+        timer = threading.Timer(expire_s, self._expire, args=(self._syncs,))
+        timer.daemon = True
+        timer.start()
+
+    def receive_weights(self, version: int) -> int:
+        """The second half: receive the sync's buckets (straight into vLLM's workers, or into
+        this process's HF model) and load them in place; returns `version`. If it fails, every
+        worker's update is closed and the actor is stale until re-synced."""
+        with self._cond:
+            sync, self._sync = self._sync, None
+        if sync is None or sync[1] != version:
+            raise RuntimeError(f"receive_weights({version}) without prepare_weights for it")
+        try:
+            with self._engine_alive():
+                self._engine.receive_weights(sync[0], version)
+            self._stale = False
+        except BaseException:
+            self._stale = True
+            with contextlib.suppress(Exception), self._engine_alive():
+                self._engine.abort_receive()
+            raise
+        finally:
+            self._end_update()
         return version
+
+    def cancel_weights(self) -> None:
+        """Close a prepared sync that will not be sent (the weights are unchanged)."""
+        with self._cond:
+            sync, self._sync = self._sync, None
+        if sync is not None:
+            try:
+                with self._engine_alive():
+                    self._engine.abort_receive()
+            finally:
+                self._end_update()
+
+    def _expire(self, token: int) -> None:
+        with self._cond:
+            expired = self._sync is not None and self._sync[2] == token
+        if expired:
+            log.warning("generator: a prepared weight sync was never sent; closing it")
+            self.cancel_weights()
 
     def reload_weights(self, checkpoint_dir: str, version: int) -> None:
         """Load a checkpoint directory's weights in place (the slow, simple fallback)."""
@@ -296,6 +350,7 @@ class GeneratorPool(Pool):
         self._user_prepare = prepare
         self._buckets: Optional[list] = None  # ObjectRefs of the latest broadcast
         self._checkpoint: Optional[str] = None  # HF dir of the latest version's checkpoint
+        self._written: Optional[Callable[[], Any]] = None  # waits until it is complete
         self._version = 0
         super().__init__(factory, pool_cfg, prepare=self._prepare,
                          dispatcher_cls=dispatcher_cls)
@@ -330,32 +385,44 @@ class GeneratorPool(Pool):
     # ------------------------------------------------------------------ weights
 
     def broadcast_buckets(self, buckets: list, version: int,
-                          checkpoint_dir: Optional[str] = None) -> None:
+                          checkpoint_dir: Optional[str] = None,
+                          written: Optional[Callable[[], Any]] = None) -> None:
         """Load object-store buckets (ObjectRefs of `{name: array}`, put once, e.g. by
         trainer rank 0: `actors.weights.object_store`) into every actor; blocks until each
         holds `version` or has died (a dead one is synced before its next batch). The refs are
         kept to re-sync actors that join or restart later, and `checkpoint_dir` (the same
-        weights on disk) for when the refs are gone with their owner. Call it between
-        rounds."""
+        weights on disk) for when the refs are gone with their owner; `written`, when given,
+        blocks until that checkpoint is complete (it may still be being written). Call it
+        between rounds."""
         with self._lock:  # no resize or chat pick in between: every actor gets the update
             if self._dispatcher.num_pending():
                 raise RuntimeError(f"broadcast with {self._dispatcher.num_pending()} batch(es) "
                                    "pending: drain the pool first so no batch mixes two "
                                    "weight versions")
             self._buckets = list(buckets)
-            self._version, self._checkpoint = version, checkpoint_dir
+            self._version, self._checkpoint, self._written = version, checkpoint_dir, written
             for actor, ref in [(a, self._push(a)) for a in self._dispatcher.actors()]:
                 try:
                     ray.get(ref)
                 except RayActorError as exc:
                     # Restarted or replaced later; either way `_prepare` syncs it before work.
                     log.warning("generator %s died during the weight broadcast: %s", actor, exc)
+                except ray.exceptions.RayError as exc:  # e.g. the buckets' owner died
+                    if self._checkpoint is None:
+                        raise
+                    log.warning("generator %s could not load the object-store buckets of "
+                                "version %d (%s); reloading %s", actor, version, exc,
+                                self._checkpoint)
+                    self._reload(actor)
 
-    def mark_synced(self, version: int, checkpoint_dir: str) -> None:
+    def mark_synced(self, version: int, checkpoint_dir: str,
+                    written: Optional[Callable[[], Any]] = None) -> None:
         """Record a sync done outside the pool (the collective broadcast from trainer rank 0):
-        actors that join or restart later reload `checkpoint_dir` to reach `version`."""
+        actors that missed it, join or restart later reload `checkpoint_dir` to reach
+        `version`, after `written()` (when given) says the checkpoint is complete."""
         with self._lock:
-            self._version, self._buckets, self._checkpoint = version, None, checkpoint_dir
+            self._version, self._buckets = version, None
+            self._checkpoint, self._written = checkpoint_dir, written
 
     def ensure_synced(self) -> None:
         """Bring every live actor to the current version now (those that joined after a
@@ -371,6 +438,15 @@ class GeneratorPool(Pool):
         # One call (a threaded vLLM actor does not keep the order of separate calls); the
         # refs go inside a list so the actor fetches one bucket at a time.
         return actor.load_buckets.remote(list(self._buckets or []), self._version)
+
+    def _reload(self, actor: ActorHandle) -> None:
+        """Reload the current version's checkpoint into `actor`, once it is complete."""
+        if self._written is not None:  # the checkpoint may still be being written
+            log.info("generator %s waits for the checkpoint %s to reload version %d",
+                     actor, self._checkpoint, self._version)
+            self._written()
+            self._written = None
+        ray.get(actor.reload_weights.remote(self._checkpoint, self._version))
 
     def _prepare(self, actor: ActorHandle) -> None:
         if self._user_prepare is not None:
@@ -391,7 +467,7 @@ class GeneratorPool(Pool):
                 log.warning("generator %s: the object-store buckets of version %d are gone "
                             "(%s); reloading %s", actor, self._version, exc, self._checkpoint)
         if self._checkpoint is not None:
-            ray.get(actor.reload_weights.remote(self._checkpoint, self._version))
+            self._reload(actor)
             return
         # Before any sync: an empty update (the weights it was built with are the current
         # ones) whose finish clears the stale flag.

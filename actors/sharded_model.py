@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from sppo.config import TrainerConfig
 
-__all__ = ["compute_dtype", "build_sharded", "load_checkpoint", "copy_weights", "HostMemory"]
+__all__ = ["compute_dtype", "build_sharded", "load_checkpoint", "copy_weights", "HostMemory",
+           "tied_names"]
 
 logger = logging.getLogger("sppo.trainer")
 _META_LOCK = threading.Lock()
@@ -215,7 +216,7 @@ def load_checkpoint(model: torch.nn.Module, model_path: str, *,
                                                          set_model_state_dict)
 
     state = get_model_state_dict(model)
-    tied = _tied_names(model)
+    tied = tied_names(model)
     wanted = [k for k in state if k not in tied]
     local = _checkpoint_dir(model_path)
     decision: list[Any] = [None]
@@ -245,7 +246,7 @@ def load_checkpoint(model: torch.nn.Module, model_path: str, *,
     return "broadcast_from_rank0"
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
+def tied_names(model: torch.nn.Module) -> set[str]:
     """Names of parameters that are the same tensor as an earlier-named one."""
     seen: set[int] = set()
     out = set()

@@ -6,15 +6,21 @@ One `TrainStream` actor per job, created by the driver (`create_stream`). Three 
 - the driver: `mark_done(t, checkpoint)` once when it resumes a run after round t,
   `begin_round(t, expected_rows)`, then, once the producers have ended the round,
   `wait_round_done(t)` (or `TrainerRun.wait_round_done`, which also notices a dead trainer and
-  a round that cannot finish, see `stalled`); `finish()` at the end; `step_metrics(t)` and
-  `status()` to watch;
+  a round that cannot finish, see `stalled`): the round's weights are at the generators; later
+  `checkpoint_info(t)` / `wait_checkpoint(t)` for its checkpoint; `finish()` at the end;
+  `step_metrics(t)` and `status()` to watch;
 - producers (the pipeline): `put(t, rows)` blocks while the buffer holds `buffer_rows` rows,
   `end_round(t)` when the round's last row is in;
-- trainer workers: rank 0 `attach(t)` and `newer_checkpoint(t)` when the worker group starts;
+- trainer workers: rank 0 `attach()` when the worker group starts (it says where to resume);
   every rank `wait_round(t)`, then `next_step(t, rank, step, generation)` until it returns
-  None; rank 0 also `log_step`, `round_counts`, `round_redone` and `round_done`. `TrainerRun`
-  calls `abort(reason)` if the run dies for good, so that nobody waits forever on a trainer
-  that is gone.
+  None; rank 0 also `log_step`, `round_counts`, `round_redone`, `handed_over` (the weights
+  reached the generators) and `checkpoint_done` (the round's checkpoint is complete).
+  `TrainerRun` calls `abort(reason)` if the run dies for good, so that nobody waits forever on
+  a trainer that is gone.
+
+A round ends in two steps (`actors.trainer`): `handed_over`, after which the driver syncs,
+evaluates and begins the next round, whose rows flow in while the workers write the
+checkpoint; then `checkpoint_done`. A round's rows are kept until its checkpoint is done.
 
 Equal work on every rank, so FSDP collectives never hang: the actor forms each optimizer step's
 global batch once (the first rank to ask triggers it) and every rank gets its slice, all slices
@@ -22,12 +28,13 @@ the same length (`actors.steps.RoundRows`: how rows become steps, the remainder 
 epochs after the first). Rows that cannot fit `max_length` are dropped (or cut) at `put` time,
 see `sppo.rows.fit_row`.
 
-A restarted worker group resumes from the last round checkpoint; `attach` then rewinds the
-round in progress so its rows are trained again from the round-start weights (they were lost
-with the failed workers' weights), never twice into the same weights. `round_redone` says what a
-round redid that way (restarts, steps and rows), for the round's report. A round that is done
-(handed to the driver) is never trained again: a group that resumed before it loads its
-checkpoint (`newer_checkpoint`), and asking for a step twice is an error.
+A restarted worker group resumes from the last complete round checkpoint (`attach` names it);
+`attach` rewinds every later round so its rows are trained again from that checkpoint's weights
+(they were lost with the failed workers' weights), never twice into the same weights. A round
+that was handed over but not checkpointed is trained again for its checkpoint only: its
+`wait_round` spec says `hand_off=False` (the generators already hold it). `round_redone` says
+what a round redid that way (restarts, steps and rows), for the round's report. Asking for a
+step twice is an error.
 
 Waits that can never be satisfied fail instead of blocking: `abort` ends every wait on a dead
 trainer; `wait_round` raises for a round the driver skipped and returns None after `finish`;
@@ -38,7 +45,7 @@ and no producer is active, and `TrainerRun.wait_round_done` raises that message.
 
 The class is plain asyncio (tested without Ray); `create_stream` makes it a Ray async actor.
 What it keeps per round: its rows and steps (`RoundRows`), its lifecycle (begun, producers
-done, handed over; restarts and what they redid; what producers and ranks are doing, for
+done, handed over, checkpointed; restarts and what they redid; what producers and ranks are doing, for
 `stalled`), the step metrics rank 0 logs, and the generators a collective sync sends to.
 Not here: the training itself (`actors.trainer`) and building rows (`sppo.rows`).
 """
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -64,6 +72,7 @@ class RoundSpec:
 
     round_index: int
     expected_rows: int  # sets the schedule's horizon (`sppo.optim.schedule_steps`)
+    hand_off: bool = True  # False: trained again only for its checkpoint (already handed over)
 
 
 @dataclass
@@ -73,14 +82,17 @@ class RoundResult:
     round_index: int
     report: dict[str, Any]  # counts and mean metrics of the round
     hand_off: HandOffResult  # what the weights' hand-off did (and the object-store buckets)
-    checkpoint_path: str  # the round's checkpoint directory; `<path>/hf` loads with from_pretrained
+    checkpoint_path: str  # where the round's checkpoint is written (complete after
+    # `checkpoint_done`: `actors.round_end.checkpoint_complete`); `<path>/hf` loads with
+    # from_pretrained
 
 
 @dataclass
 class _Round:
     spec: RoundSpec
     rows: RoundRows
-    result: Optional[RoundResult] = None
+    result: Optional[RoundResult] = None  # handed over
+    checkpoint: Optional[dict[str, Any]] = None  # checkpoint_done's info: path, write timings
     metrics: list[dict[str, Any]] = field(default_factory=list)  # rank 0's, per step
     restarts: int = 0  # worker groups that restarted while this round was unfinished
     steps_redone: int = 0  # steps every rank had received before those restarts
@@ -138,14 +150,13 @@ class TrainStream:
 
     async def mark_done(self, round_index: int, checkpoint_path: str) -> None:
         """Record round `round_index` as done by an earlier driver (`--resume`), with its
-        checkpoint, before any round begins here. A trainer whose Ray Train restore found an
-        older checkpoint (the driver died before Ray Train registered this one) then catches
-        up to it through `newer_checkpoint` instead of expecting an earlier round."""
+        complete checkpoint, before any round begins here: the trainer resumes from it."""
         async with self._cond:
             if self._current is not None:
                 raise RuntimeError(f"mark_done({round_index}) after round {self._current} began")
             r = self._new_round(RoundSpec(round_index, 0))
             r.result = RoundResult(round_index, {}, HandOffResult(), checkpoint_path)
+            r.checkpoint = {"path": checkpoint_path}
             self._rounds[round_index] = r
             self._current = round_index
             self._cond.notify_all()
@@ -159,6 +170,20 @@ class TrainStream:
             await self._cond.wait_for(lambda: r.result is not None or self._aborted)
             self._check_aborted()
             return r.result
+
+    async def checkpoint_info(self, round_index: int) -> Optional[dict[str, Any]]:
+        """Round `round_index`'s `checkpoint_done` info (its path and write timings), or None
+        while it is being written."""
+        async with self._cond:
+            return self._round(round_index).checkpoint
+
+    async def wait_checkpoint(self, round_index: int) -> dict[str, Any]:
+        """Wait until round `round_index`'s checkpoint is complete; its info."""
+        async with self._cond:
+            r = self._round(round_index)
+            await self._cond.wait_for(lambda: r.checkpoint is not None or self._aborted)
+            self._check_aborted()
+            return r.checkpoint
 
     async def abort(self, reason: str) -> None:
         """The trainer run died for good: every waiting and later call raises (so producers
@@ -190,7 +215,7 @@ class TrainStream:
             if round_index not in self._sync_targets:
                 raise RuntimeError(f"no broadcast targets will be named for round {round_index}: "
                                    f"{self._targets_gone(round_index)}")
-            # Kept until round_done: a worker group restarted before then hands over again.
+            # Kept until handed over: a worker group restarted before then hands over again.
             return list(self._sync_targets[round_index])
 
     async def stalled(self, round_index: int, idle_s: float) -> Optional[str]:
@@ -271,6 +296,8 @@ class TrainStream:
 
     async def wait_round(self, round_index: int) -> Optional[RoundSpec]:
         """The spec of round `round_index` once the driver begins it; None after `finish()`.
+        A round already handed over (a restarted group trains it again for its checkpoint)
+        comes with `hand_off=False`.
 
         A driver that resumes a job must begin the round after the last round checkpoint (the
         trainer resumes from it); a later round is an error here, an earlier one waits.
@@ -281,7 +308,8 @@ class TrainStream:
                 or (self._current is not None and self._current > round_index))
             self._check_aborted()
             if round_index in self._rounds:
-                return self._rounds[round_index].spec
+                r = self._rounds[round_index]
+                return dataclasses.replace(r.spec, hand_off=r.result is None)
             if self._current is not None and self._current > round_index:
                 raise RuntimeError(f"the trainer expects round {round_index} but the driver "
                                    f"began round {self._current}")
@@ -300,7 +328,7 @@ class TrainStream:
             try:
                 while step not in r.rows.steps:
                     self._check_generation(generation)
-                    if step < r.rows.next_form or r.result is not None:
+                    if step < r.rows.next_form or r.checkpoint is not None:
                         # Forming more steps would never bring it back (an endless loop).
                         raise RuntimeError(f"round {round_index} step {step} was already "
                                            f"handed to every rank (rank {rank} asks again)")
@@ -326,56 +354,57 @@ class TrainStream:
         `steps_redone` and `rows_redone` that every rank had received before them (their
         training was lost with the workers, so they were trained again)."""
         async with self._cond:
-            r = self._round(round_index)
-            return {"worker_restarts": r.restarts, "steps_redone": r.steps_redone,
-                    "rows_redone": r.rows_redone}
+            return self._redone(self._round(round_index))
 
-    async def round_done(self, result: RoundResult) -> None:
+    async def handed_over(self, result: RoundResult) -> None:
+        """Rank 0: the round's weights are at the generators (or in the object store);
+        `wait_round_done` returns `result`. Its rows stay until `checkpoint_done`."""
         async with self._cond:
             r = self._round(result.round_index)
             r.result = result
-            r.rows.release()
             self._sync_targets.pop(result.round_index, None)
             self._cond.notify_all()
 
-    async def attach(self, next_round: int) -> tuple[int, bool]:
-        """Called by rank 0 when a worker group starts, after loading any checkpoint.
+    async def checkpoint_done(self, round_index: int, info: dict[str, Any]) -> None:
+        """Rank 0: round `round_index`'s checkpoint is complete (`info`: its path and write
+        timings); it is the resume point from now on and the round's rows are let go."""
+        async with self._cond:
+            r = self._round(round_index)
+            if r.result is None:
+                raise RuntimeError(f"checkpoint_done({round_index}) before the round was "
+                                   "handed over")
+            r.checkpoint = {**info, **self._redone(r)}
+            r.rows.release()
+            self._cond.notify_all()
 
-        Starts a new worker generation (see `next_step`), rewinds round `next_round` if a
-        failed group had partly trained it, and says whether round `next_round - 1` finished
-        its checkpoint but never reached `round_done` (rank 0 must hand its weights over again).
-        Returns (generation, hand_over_again).
-        """
+    async def attach(self) -> tuple[int, Optional[tuple[int, str]]]:
+        """Called by rank 0 when a worker group starts. Returns (generation, resume): the
+        group's generation (see `next_step`) and `(round, checkpoint_path)` of the latest
+        complete round checkpoint, or None (start from the base model). Every later round
+        begun so far is rewound: the group trains it again from that checkpoint."""
         async with self._cond:
             restart = self._generation > 0  # the first group may attach after begin_round
             self._generation += 1
-            r = self._rounds.get(next_round)
-            if r is not None and r.result is None:
-                steps, rows = r.rows.rewind()
-                r.metrics.clear()
-                if restart:
-                    r.restarts += 1
-                    r.steps_redone += steps
-                    r.rows_redone += rows
+            done = [t for t, r in self._rounds.items() if r.checkpoint is not None]
+            resume = max(done) if done else None
+            for t, r in self._rounds.items():
+                if (resume is None or t > resume) and r.checkpoint is None:
+                    steps, rows = r.rows.rewind()
+                    r.metrics.clear()
+                    if restart:
+                        r.restarts += 1
+                        r.steps_redone += steps
+                        r.rows_redone += rows
             self._cond.notify_all()
-            prev = self._rounds.get(next_round - 1)
-            hand_over_again = prev is not None and prev.result is None
-            if hand_over_again:
-                prev.restarts += 1
-            return self._generation, hand_over_again
-
-    async def newer_checkpoint(self, next_round: int) -> Optional[tuple[int, str]]:
-        """`(round, checkpoint_path)` of the latest round from `next_round` on that is already
-        done, or None. Called by rank 0 before `attach`: Ray Train registers a round's
-        checkpoint only once it has polled every rank's report, so a rank that dies just after
-        `ray.train.report` can leave it unregistered while rank 0 went on to `round_done`; the
-        restarted group then resumed from an older checkpoint and must load this one."""
-        async with self._cond:
-            done = [t for t, r in self._rounds.items()
-                    if t >= next_round and r.result is not None]
-            return (max(done), self._rounds[max(done)].result.checkpoint_path) if done else None
+            return self._generation, None if resume is None else (
+                resume, self._rounds[resume].checkpoint["path"])
 
     # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _redone(r: _Round) -> dict[str, int]:
+        return {"worker_restarts": r.restarts, "steps_redone": r.steps_redone,
+                "rows_redone": r.rows_redone}
 
     def _round(self, round_index: int) -> _Round:
         if round_index not in self._rounds:

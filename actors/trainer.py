@@ -7,32 +7,38 @@ talks to them only through the `actors.stream.TrainStream` actor:
     stream = create_stream(...); run = TrainerRun(..., stream=stream).start()
     for t in rounds:
         stream.begin_round.remote(t, expected_rows)     # producers put(t, rows), end_round(t)
-        result = run.wait_round_done(t)                 # RoundResult: report, hand-off, checkpoint
+        result = run.wait_round_done(t)                 # RoundResult: the weights are handed over
+        ...                                             # round t+1 may begin meanwhile
+        run.wait_checkpoint(t)                          # round t's checkpoint is complete
     run.finish()
 
-Each worker (`train_loop_per_worker`): builds the model sharded with FSDP2 without ever holding
-it whole and fills its shards from the checkpoint (`actors.sharded_model`: meta device, each
+Each worker (`train_loop_per_worker`): asks the stream where to resume (`attach`: the latest
+complete round checkpoint, or none), builds the model sharded with FSDP2 without ever holding
+it whole and fills its shards from the base model (`actors.sharded_model`: meta device, each
 rank reads its own slices of the safetensors files; bf16 `MixedPrecisionPolicy` on GPU, full
-precision on CPU unless asked), builds the frozen reference the same way in the compute dtype
-(filled from the policy's shards, never read from disk), resumes from
-`ray.train.get_checkpoint()` if the run restarted, then per round: refreshes the reference from
-the policy (or uses the generator's sampled-token log-probs), builds a fresh optimizer and
-schedule (`sppo.optim`), and takes the steps the stream hands out (`actors.train_step`).
-Round reports carry every rank's peak host memory over the load and the round (and peak device
-memory on GPU). At the end of the round all ranks gather the full weights
-(`get_model_state_dict`, FSDP2: the FSDP1 cpu-offload gather segfaults on CPU), rank 0 writes
-`<checkpoint>/hf` (`save_pretrained` weights + tokenizer), all ranks write their shard of the
-training state (`<checkpoint>/state`, torch.distributed.checkpoint) and call
-`ray.train.report` (a barrier: every rank, once per round), and rank 0 hands the weights to the
-driver through `hand_off` (`actors.weights`: the collective sync or the object store, default
-`ObjectStoreHandOff`).
+precision on CPU unless asked) or from that checkpoint's sharded training state, builds the
+frozen reference the same way in the compute dtype (filled from the policy's shards, never
+read from disk), then per round: refreshes the reference from the policy (or uses the
+generator's sampled-token log-probs), builds a fresh optimizer and schedule (`sppo.optim`),
+and takes the steps the stream hands out (`actors.train_step`). Round reports carry every
+rank's peak host memory over the load and the round (and peak device memory on GPU).
+
+The end of a round (`_RoundEnd`, `actors.round_end`), generators first and disk after: every
+rank gathers the weights from its shards one bucket at a time and rank 0 hands each bucket to
+`hand_off` (`actors.weights`: the collective sync or the object store, default
+`ObjectStoreHandOff`), then tells the stream `handed_over`; the driver syncs and begins the
+next round. Then every rank writes its share of the round's checkpoint in place into
+`<checkpoint_root>/round-<t>` (`hf/`, which `from_pretrained` loads, in the model's dtype;
+`state/`, the sharded fp32 weights; `round.json` last) and rank 0 tells the stream
+`checkpoint_done`; the next round's rows gather in the stream meanwhile. No rank holds the
+whole model at any point; no Ray Train checkpoint is reported (Ray Train would copy it).
 
 Exact resume is at round boundaries: the optimizer and schedule are fresh each round and the
-reference is the round-start policy, so the model weights are the whole training state. A round
-cut short by a failure is retrained from its start (the stream rewinds it); its report says what
-was redone (`worker_restarts`, `steps_redone`, `rows_redone`). A round already handed to the
-driver is never retrained: if Ray Train restored an older checkpoint (a rank died before the
-controller registered the newer one), the workers load that round's checkpoint instead.
+reference is the round-start policy, so the model weights are the whole training state. A
+restarted worker group resumes from the latest complete checkpoint and trains every later
+round again from its start (the stream rewinds them); a round that was already handed over is
+trained again only for its checkpoint (not handed over twice). Reports say what was redone
+(`worker_restarts`, `steps_redone`, `rows_redone`).
 
 Not here: one step (`actors.train_step`), building rows (`sppo.rows`), the losses
 (`sppo.loss`), moving weights to generators (`actors.weights`), where the workers run (the
@@ -41,11 +47,8 @@ caller passes `label_selector`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,11 +57,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from actors.round_end import checkpoint_dtype, read_state, stream_weights, write_checkpoint
 from actors.sharded_model import (HostMemory, build_sharded, compute_dtype, copy_weights,
                                   load_checkpoint)
 from actors.stream import RoundResult, RoundSpec
 from actors.train_step import train_step
-from actors.weights import HandOffResult
+from actors.weights import HandOff
 from actors.weights.object_store import ObjectStoreHandOff
 from sppo.config import TrainerConfig
 from sppo.optim import build_optimizer, build_scheduler, schedule_steps
@@ -67,26 +71,14 @@ __all__ = ["TrainerRun", "train_loop_per_worker"]
 
 logger = logging.getLogger("sppo.trainer")
 
-HandOff = Callable[[dict[str, torch.Tensor], int], HandOffResult]
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective: rank 0 gets the full CPU state dict, the other ranks an empty dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
 
 # --------------------------------------------------------------------------- the worker loop
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function. config: `model_path` (str), `trainer` (TrainerConfig),
-    `stream` (TrainStream handle), `hand_off` (callable run on rank 0 with the full weights)."""
+    `stream` (TrainStream handle), `hand_off` (`actors.weights.HandOff`, rank 0 hands each
+    bucket to it), `checkpoint_root` (round t's checkpoint goes to `<root>/round-<t>`)."""
     import ray
     import ray.train
     from torch.distributed.device_mesh import init_device_mesh
@@ -106,12 +98,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     mesh = init_device_mesh(device.type, (world,))
+    # The checkpoint's collectives go over gloo (a side group beside NCCL on GPU: not run on
+    # a GPU); on CPU the default group is gloo already.
+    files_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
+    control: list[Any] = [None, None]
+    if rank == 0:
+        control = list(ray.get(stream.attach.remote()))
+    dist.broadcast_object_list(control, src=0)
+    generation, resume = control
     memory, start = HostMemory(), time.perf_counter()
     policy = build_sharded(model_path, cfg, mesh, device, trainable=True)
-    how = load_checkpoint(policy, model_path)
+    if resume is None:
+        how = load_checkpoint(policy, model_path)
+        next_round = 0
+    else:  # the latest complete round checkpoint, written by `write_checkpoint`
+        read_state(policy, Path(resume[1]), group=files_group)
+        how, next_round = f"round {resume[0]}'s checkpoint {resume[1]}", resume[0] + 1
     # The reference is refreshed from the policy's shards at every round's start.
     reference = build_sharded(model_path, cfg, mesh, device, trainable=False) \
         if cfg.reference == "frozen" else None
@@ -120,47 +125,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 rank, how, time.perf_counter() - start,
                 "?" if load_peak is None else f"{load_peak / 2**30:.2f}",
                 "none (sampled)" if reference is None else f"in {compute_dtype(cfg)}")
-
-    next_round, resumed = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            resumed = _load_training_state(policy, Path(ckpt_dir))
-        resumed["checkpoint_path"] = checkpoint.path
-        next_round = resumed["round_index"] + 1
-        logger.info("rank %d resumed after round %d from %s", rank, next_round - 1,
-                    checkpoint.path)
-    control = [None, None, None]  # newer checkpoint, worker generation, hand over again
-    if rank == 0:
-        newer = ray.get(stream.newer_checkpoint.remote(next_round))
-        control = [newer, *ray.get(stream.attach.remote(newer[0] + 1 if newer else next_round))]
-    dist.broadcast_object_list(control, src=0)
-    newer, generation, hand_over_again = control
-    if newer is not None:  # Ray Train restored an older checkpoint than the last round done
-        with ray.train.Checkpoint(newer[1]).as_directory() as ckpt_dir:
-            _load_training_state(policy, Path(ckpt_dir))
-        next_round = newer[0] + 1
-        logger.info("rank %d caught up to round %d from %s", rank, newer[0], newer[1])
-    if hand_over_again:  # the failure came between the checkpoint and round_done
-        full = _full_state_dict(policy)
-        if rank == 0:
-            t = resumed["round_index"]
-            report = {**resumed["report"], **ray.get(stream.round_redone.remote(t))}
-            ray.get(stream.round_done.remote(RoundResult(
-                t, report, hand_off(full, t), resumed["checkpoint_path"])))
-
+    end = _RoundEnd(policy, hand_off, stream, rank, device, model_path, tokenizer,
+                    Path(config["checkpoint_root"]), files_group, config.get("fault_hook"))
     while True:
         spec = ray.get(stream.wait_round.remote(next_round))
         if spec is None:
             break
         report = _train_round(spec, policy, reference, cfg, stream, rank, generation, pad_id,
                               device, memory, load_peak)
-        _end_round(spec.round_index, report, policy, tokenizer, model_path, stream, rank,
-                   hand_off)
+        end(spec, report)
         next_round += 1
-    close = getattr(hand_off, "close", None)  # e.g. the generators leave the weight group
-    if rank == 0 and close is not None:
-        close()
+    if rank == 0:
+        hand_off.close()  # e.g. the generators leave the weight group
 
 
 def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream, rank: int,
@@ -196,6 +172,9 @@ def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream,
         step += 1
     elapsed = time.perf_counter() - start
     report: dict[str, Any] = {"round_index": t, "schedule_horizon": horizon,
+                              # wall clock of this rank's last step's end: the driver measures
+                              # the time until every generator holds the round's weights
+                              "last_step_at": time.time(),
                               "schedule_warmup": warmup, "train_time_s": elapsed,
                               "tokens": tokens, "tokens_per_s": tokens / elapsed if elapsed else 0,
                               "loss_first": losses[0] if losses else math.nan,
@@ -226,57 +205,40 @@ def _memory_report(memory: HostMemory, load_peak: Optional[int],
     return out
 
 
-def _end_round(t: int, report: dict[str, Any], policy, tokenizer, model_path: str, stream,
-               rank: int, hand_off: HandOff) -> None:
-    """Gather, checkpoint, report (all ranks), hand the weights to the driver (rank 0)."""
-    import ray.train
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+class _RoundEnd:
+    """The end of a round on every rank: the weights streamed from the shards to the
+    generators (`actors.round_end.stream_weights`; rank 0 then tells the stream
+    `handed_over`, and the driver syncs, evaluates and begins the next round), then the
+    round's checkpoint written into `<root>/round-<t>` (`write_checkpoint`; rank 0 then tells
+    the stream `checkpoint_done`) while the next round's rows flow into the stream."""
 
-    full = _full_state_dict(policy)
-    name = f"round-{t}"
-    with tempfile.TemporaryDirectory(prefix=f"sppo-{name}-") as tmp:
-        if rank == 0:
-            _save_hf(full, tokenizer, model_path, Path(tmp) / "hf")
-            (Path(tmp) / "round.json").write_text(json.dumps({"round_index": t,
-                                                              "report": report}))
-        dcp.save(get_model_state_dict(policy), checkpoint_id=os.path.join(tmp, "state"))
-        ray.train.report(report if rank == 0 else {"round_index": t},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=name)
-    path = ray.train.get_context().get_storage().build_checkpoint_path_from_name(name)
-    if rank == 0:
-        ray.get(stream.round_done.remote(RoundResult(t, report, hand_off(full, t), path)))
+    def __init__(self, policy, hand_off: HandOff, stream, rank: int, device: torch.device,
+                 model_path: str, tokenizer, root: Path, group,
+                 fault_hook: Optional[Callable[[str, int, int], None]] = None) -> None:
+        self.policy, self.hand_off, self.stream, self.rank = policy, hand_off, stream, rank
+        self.device, self.model_path, self.tokenizer = device, model_path, tokenizer
+        self.root, self.group = root, group
+        self.fault_hook = fault_hook or (lambda stage, round_index, rank: None)
+        self.dtype = checkpoint_dtype(model_path)
 
+    def __call__(self, spec: RoundSpec, report: dict[str, Any]) -> None:
+        import ray
 
-def _save_hf(full: dict[str, torch.Tensor], tokenizer, model_path: str, out: Path) -> None:
-    """`save_pretrained` the gathered weights and the tokenizer, with the base model's config
-    and dtype (training holds float32 master weights whatever the checkpoint's dtype)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    dtype = getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):  # configs read from JSON may hold the name
-        dtype = getattr(torch, dtype)
-    with torch.device("meta"):
-        shell = AutoModelForCausalLM.from_config(config)
-    shell.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
-    try:
-        shell.generation_config = GenerationConfig.from_pretrained(model_path)
-    except OSError:  # the base model has no generation_config.json
-        pass
-    shell.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _load_training_state(policy, ckpt_dir: Path) -> dict[str, Any]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = get_model_state_dict(policy)
-    dcp.load(state, checkpoint_id=str(ckpt_dir / "state"))
-    set_model_state_dict(policy, state)
-    return json.loads((ckpt_dir / "round.json").read_text())
+        t = spec.round_index
+        out = self.root / f"round-{t}"
+        if spec.hand_off:
+            result, timings = stream_weights(self.policy, self.hand_off, round_index=t,
+                                             device=self.device)
+            if self.rank == 0:
+                report["end_of_round"] = timings
+                ray.get(self.stream.handed_over.remote(RoundResult(t, report, result, str(out))))
+        self.fault_hook("handed_over", t, self.rank)
+        timings = write_checkpoint(self.policy, out, dtype=self.dtype,
+                                   model_path=self.model_path, tokenizer=self.tokenizer,
+                                   marker={"round_index": t, "report": report}, group=self.group)
+        if self.rank == 0:
+            ray.get(self.stream.checkpoint_done.remote(t, {"path": str(out), **timings}))
+            logger.info("round %d checkpoint written to %s: %s", t, out, timings)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -286,34 +248,44 @@ class TrainerRun:
     """Starts the job's one `TorchTrainer.fit()` in a background thread and watches it.
 
     `stream` is the `TrainStream` handle the driver created; rounds are driven through it.
-    `storage_path`/`name` are the Ray Train run's: re-running with the same pair resumes from
-    the last round checkpoint (`<storage_path>/<name>/round-<t>`). `label_selector` names the
+    `storage_path`/`name` are the Ray Train run's, and the workers write round t's checkpoint
+    to `<storage_path>/<name>/round-<t>` (a directory every trainer node can write: shared
+    storage on several nodes); a later run resumes from one when the driver names it
+    (`TrainStream.mark_done`). `label_selector` names the
     nodes every worker must run on (Ray Train V2 applies it to every worker's bundle), None
-    for any.
+    for any. `fault_hook(stage, round_index, rank)`, for tests, runs on every rank between the
+    hand-over and the checkpoint (stage "handed_over"): a failure there is one during the
+    write.
     """
 
     def __init__(self, *, model_path: str, trainer: TrainerConfig, stream, storage_path: str,
                  name: str, hand_off: Optional[HandOff] = None,
-                 label_selector: Optional[dict[str, str]] = None):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                 label_selector: Optional[dict[str, str]] = None,
+                 fault_hook: Optional[Callable[[str, int, int], None]] = None):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         scaling: dict[str, Any] = {"num_workers": trainer.num_workers,
                                    "use_gpu": trainer.use_gpu}
         if label_selector is not None:
             scaling["label_selector"] = label_selector
+        if "://" in storage_path:
+            raise ValueError(f"storage_path {storage_path!r}: the workers write each round's "
+                             "checkpoint in place, so it must be a directory every trainer "
+                             "node can write (a shared filesystem on several nodes)")
         self._stream = stream
+        self.checkpoint_root = Path(storage_path).expanduser().resolve() / name
         self._trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"model_path": model_path, "trainer": trainer, "stream": stream,
-                               "hand_off": hand_off or ObjectStoreHandOff()},
+                               "hand_off": hand_off or ObjectStoreHandOff(),
+                               "checkpoint_root": str(self.checkpoint_root),
+                               "fault_hook": fault_hook},
             torch_config=TorchConfig(backend="nccl" if trainer.use_gpu else "gloo"),
             scaling_config=ScalingConfig(**scaling),
             run_config=RunConfig(
-                name=name, storage_path=str(Path(storage_path).expanduser().resolve())
-                if "://" not in storage_path else storage_path,
-                failure_config=FailureConfig(max_failures=trainer.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                name=name, storage_path=str(self.checkpoint_root.parent),
+                failure_config=FailureConfig(max_failures=trainer.max_failures)),
         )
         self._thread: Optional[threading.Thread] = None
         self._result = None
@@ -360,6 +332,31 @@ class TrainerRun:
                 raise RuntimeError(why)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"round {round_index} not done after {timeout_s} s")
+
+    def wait_checkpoint(self, round_index: int, timeout_s: Optional[float] = None,
+                        poll_s: float = 1.0) -> dict[str, Any]:
+        """Block until round `round_index`'s checkpoint is complete (its `checkpoint_done`
+        info: path and write timings); raise if the run dies first."""
+        import ray
+
+        ref = self._stream.wait_checkpoint.remote(round_index)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            ready, _ = ray.wait([ref], timeout=poll_s)
+            if ready:
+                return ray.get(ref)
+            if not self.running():
+                raise RuntimeError(f"the trainer run ended before round {round_index}'s "
+                                   f"checkpoint was written") from self._error
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"round {round_index}'s checkpoint not written after "
+                                   f"{timeout_s} s")
+
+    def checkpoint_info(self, round_index: int) -> Optional[dict[str, Any]]:
+        """Round `round_index`'s checkpoint info if it is complete, else None (no wait)."""
+        import ray
+
+        return ray.get(self._stream.checkpoint_info.remote(round_index))
 
     def finish(self, timeout_s: Optional[float] = None):
         """Stop the workers after the rounds begun so far; returns the `ray.train.Result`."""

@@ -107,13 +107,14 @@ class Consumer:
         self.stream = stream
 
     def drain(self, t: int) -> int:
-        generation, _ = ray.get(self.stream.attach.remote(t))
+        generation, _ = ray.get(self.stream.attach.remote())
         ray.get(self.stream.wait_round.remote(t))
         rows = step = 0
         while (s := ray.get(self.stream.next_step.remote(t, 0, step, generation))) is not None:
             rows, step = rows + len(s.rows), step + 1
         # Close the round as rank 0 does (no weights: nothing was trained).
-        ray.get(self.stream.round_done.remote(RoundResult(t, {"rows": rows}, None, "")))
+        ray.get(self.stream.handed_over.remote(RoundResult(t, {"rows": rows}, None, "")))
+        ray.get(self.stream.checkpoint_done.remote(t, {"path": ""}))
         return rows
 
 

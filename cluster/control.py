@@ -61,6 +61,7 @@ class SelfPlayControl:
             "round": view.round,
             "rounds": cfg.run.rounds,
             "completed_rounds": view.completed_rounds,
+            "checkpointed_rounds": view.checkpointed_rounds,
             "stage": view.stage,
             "progress": progress,
             "throughput": {

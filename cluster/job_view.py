@@ -19,13 +19,16 @@ __all__ = ["JobView"]
 
 @dataclass(frozen=True)
 class JobView:
-    """The job as of its last change. `progress`: the round in progress's counts
+    """The job as of its last change. `completed_rounds`: rounds whose weights reached the
+    generators; `checkpointed_rounds`: those whose checkpoint is also complete (where
+    `--resume` continues); `progress`: the round in progress's counts
     (`cluster.pipeline.RoundPipeline`'s progress dict), None before the first round;
     `last_report`: the latest round report this session wrote, None before."""
 
     stage: str = "starting"
     round: Optional[int] = None
     completed_rounds: int = 0
+    checkpointed_rounds: int = 0
     progress: Optional[dict] = None
     last_report: Optional[dict] = None
     generators: Any = None  # actors.generator.GeneratorPool, once started

@@ -130,6 +130,8 @@ def check_resources(cfg: Config, cluster_resources: dict[str, float],
     also reports a role that no node serves. Each message names the config field."""
     demands = _demands(cfg)
     problems: list[str] = []
+    if nodes is not None:
+        problems += _check_tensor_parallel(cfg, nodes)
     if nodes is not None and is_role_labelled(nodes):
         alive = live_nodes(nodes)
         for d in demands:
@@ -154,6 +156,33 @@ def check_resources(cfg: Config, cluster_resources: dict[str, float],
             amounts = " + ".join(_num(need) for _, need in asked)
             problems.append(f"{fields} ask for {_amount(total, key)} together ({amounts}) "
                             f"but the cluster has {_num(have)}")
+    return problems
+
+
+def _check_tensor_parallel(cfg: Config, nodes: list[dict]) -> list[str]:
+    """A tensor-parallel actor's ranks all go on one node (`actors.factory`: STRICT_PACK), so
+    some node that may host the role must have `tensor_parallel_size` GPUs (CPUs on CPU)."""
+    alive = live_nodes(nodes)
+    labelled = is_role_labelled(alive)
+    problems = []
+    for role in ("generator", "judge"):
+        pool = getattr(cfg.pools, role)
+        tp = pool.tensor_parallel_size
+        if tp <= 1:
+            continue
+        key, each = ("GPU", 1.0) if pool.num_gpus > 0 else ("CPU", pool.num_cpus)
+        mine = [n for n in alive if (n.get("Labels") or {}).get(ROLE_LABEL) == role] \
+            if labelled else alive
+        if not mine:
+            continue  # reported by the role-by-role check
+        most = max(float((n.get("Resources") or {}).get(key, 0.0)) for n in mine)
+        if _short(tp * each, most):
+            where = f"nodes labelled {ROLE_LABEL}={role}" if labelled else "nodes"
+            problems.append(
+                f"pools.{role}.tensor_parallel_size {tp} needs {_amount(tp * each, key)} on "
+                f"one node (its ranks are placed together) but the largest of the {where} "
+                f"has {_num(most)}: lower pools.{role}.tensor_parallel_size to <= "
+                f"{int(most // each) if each else 0}, or add nodes with more {key}s")
     return problems
 
 

@@ -11,10 +11,16 @@ named, timed step. Everything a round produces goes to the run directory:
     <run_dir>/rounds/round-<t>.json  the round report (counts, failures, timings, win rate)
     <run_dir>/rounds/round-<t>/      the round journal: every prompt's record (`sppo.journal`)
     <run_dir>/tensorboard/           TensorBoard event files (`run.loggers`, `sppo.tracking`)
-    <run_dir>/train/...            Ray Train checkpoints; `round-<t>/hf` loads with from_pretrained
+    <run_dir>/train/round-<t>/       the round's checkpoint: `hf/` loads with from_pretrained,
+                                     `state/` the sharded training state, `round.json` last
     <run_dir>/eval_baseline.jsonl  pi_0's responses on the held-out prompts
     <run_dir>/progress.png         win rate against round 0 and loss per round
     <run_dir>/state.json           completed rounds and the latest checkpoint (for --resume)
+
+A round ends generators first, disk after: once the trainer has handed the weights over the
+driver syncs, evaluates and begins the next round while the trainer writes the checkpoint; the
+round counts as completed (state.json) only once its checkpoint is complete, so a stop during
+the write resumes from the round before, whose checkpoint is the resume point until then.
 
 A round stopped midway (the driver died) resumes from its journal: its prompts' rows go to the
 trainer first (which restarts the round from its start checkpoint), and only the prompts
@@ -46,6 +52,7 @@ from transformers import AutoTokenizer
 from actors.generator import GeneratorPool, make_generator_factory
 from actors.judge import JudgePool, make_judge_factory
 from actors.stream import RoundResult, create_stream
+from actors.round_end import checkpoint_complete
 from actors.trainer import TrainerRun
 from actors.weights.object_store import ObjectStoreHandOff
 from actors.weights.sender import CollectiveHandOff
@@ -61,7 +68,8 @@ from sppo.evaluate import plot_progress
 from sppo.journal import JournalWriter, RoundJournal, fingerprint, judge_identity, read_round, \
     round_dir
 from sppo.records import Annotated, Prompt, RoundOutcome, TrainRow
-from sppo.resume import feed_journal, journal_sources, stopped_round_journal
+from sppo.resume import feed_journal, journal_sources, set_aside_later_rounds, \
+    stopped_round_journal
 from sppo.rows import rows_from_annotated, rows_per_prompt
 from sppo.tiny import resolve_model_path
 from sppo.tracking import Trackers, samples_of
@@ -99,7 +107,11 @@ class SelfPlay:
         self.evaluation: Optional[Evaluation] = None
         self.trackers: Optional[Trackers] = None
         self.resume_journal: Optional[RoundJournal] = None  # the stopped round's records
-        self._view = JobView(completed_rounds=self.state["completed_rounds"])
+        self._view = JobView(completed_rounds=self.state["completed_rounds"],
+                             checkpointed_rounds=self.state["completed_rounds"])
+        self._unrecorded: dict[int, dict] = {}  # round -> report, checkpoint being written
+        self.next_round = self.state["completed_rounds"]  # rounds may be done, not yet recorded
+        self._checked_at = 0.0
         self._view_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the view
@@ -126,7 +138,7 @@ class SelfPlay:
             self._load_prompts()
 
         self._adopt_trained_rounds()
-        start = self.state["completed_rounds"]
+        start = self.next_round = self.state["completed_rounds"]
         gen_model = self.state["checkpoint"] if start else self.base_model
         if start < cfg.run.rounds and not cfg.data.from_journal and cfg.run.journal:
             self.resume_journal = stopped_round_journal(
@@ -138,6 +150,8 @@ class SelfPlay:
                                  mlflow_tracking_uri=cfg.run.mlflow_tracking_uri)
         # Written once the checks passed: a run refused above leaves the directory as it was.
         (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if self.resume:  # what later rounds sampled from weights that are trained again
+            set_aside_later_rounds(self.run_dir, start)
         if not cfg.data.from_journal:
             self._start_pools(gen_model, start)
         t = cfg.trainer
@@ -213,9 +227,7 @@ class SelfPlay:
         Ray Train resumes from that checkpoint; the driver must begin the round after it."""
         done = []
         for d in (self.run_dir / "train").glob("round-*"):
-            complete = all((d / f).is_file() for f in ("round.json", "hf/config.json",
-                                                       "state/.metadata"))
-            if complete and d.name.split("-")[-1].isdigit():
+            if checkpoint_complete(d) and d.name.split("-")[-1].isdigit():
                 done.append((int(d.name.split("-")[-1]), d))
         if not done or max(done)[0] < self.state["completed_rounds"]:
             return
@@ -235,8 +247,9 @@ class SelfPlay:
                 if self.evaluation is not None:
                     self.evaluation.baseline(self.split.eval,
                                              resumed=bool(self.state["completed_rounds"]))
-            for t in range(self.state["completed_rounds"], self.cfg.run.rounds):
+            for t in range(self.next_round, self.cfg.run.rounds):
                 self.reports.append(self.round(t))
+            self.record_checkpoints(wait=True)
             self.trainer.finish(timeout_s=600)
         finally:
             for pool in (self.generators, self.judges):
@@ -248,7 +261,9 @@ class SelfPlay:
         return self.reports
 
     def round(self, t: int) -> dict:
-        """generate + judge + train (streamed) -> finish training -> sync -> metrics -> evaluate."""
+        """generate + judge + train (streamed) -> finish training -> sync -> metrics -> evaluate.
+        The round's checkpoint is written meanwhile and recorded when complete
+        (`record_checkpoints`: at the latest after the next round's training)."""
         timings: dict = {}
         self._publish(round=t, progress=None)
         with self._step("generate+judge+train", timings):
@@ -263,8 +278,14 @@ class SelfPlay:
             self._end_stream(t)
             with self._step("train", timings):
                 result = self.trainer.wait_round_done(t)
+            # The round before's checkpoint is complete once this round is handed over.
+            self.record_checkpoints(wait=False)
             with self._step("sync", timings):
                 sync = self._sync(t, result)
+        end_of_round = {**result.report.get("end_of_round", {}),
+                        "to_generators_s": round(time.time() - result.report["last_step_at"], 3)
+                        if "last_step_at" in result.report else None,
+                        "hf_write_s": None, "dcp_write_s": None, "storage_copy_s": None}
         with self._step("metrics", timings):
             steps = ray.get(self.stream.step_metrics.remote(t))
             self._log_metrics(t, steps)
@@ -277,24 +298,58 @@ class SelfPlay:
                       dataclasses.asdict(f) for f in outcome.failed], "journal": journal,
                   "judge_counters_since_start": judge_counters,
                   "trainer": result.report, "sync": sync, "timings_s": timings,
+                  "end_of_round": end_of_round,
                   "checkpoint": str(Path(result.checkpoint_path) / "hf"),
+                  "checkpoint_complete": False,
                   "win_rate_vs_round0": win.as_dict() if win else None,
                   "mean_loss": (sum(s["loss"] for s in steps) / len(steps)) if steps else None}
         _write_json(self.run_dir / "rounds" / f"round-{t}.json", report)
-        self.state = {"completed_rounds": t + 1, "checkpoint": report["checkpoint"]}
-        _write_json(self.state_path, self.state)
+        self._unrecorded[t] = report
+        self.next_round = t + 1
         self._publish(completed_rounds=t + 1, last_report=report)
         self._append_metrics({"kind": "round", "round": t, **{
-            k: report[k] for k in ("win_rate_vs_round0", "mean_loss", "timings_s")},
+            k: report[k] for k in ("win_rate_vs_round0", "mean_loss", "timings_s",
+                                   "end_of_round")},
             "accounted": outcome.summary()})
         self.trackers.log_round(t, {"win_rate_vs_round0": (win.as_dict() if win else {}).get(
             "mean"), "mean_loss": report["mean_loss"], "prompts": outcome.summary(),
             "timings_s": timings}, self._samples)
         plot_progress(self.run_dir)
         log.info("round %d done: %d annotated, %d failed, %d rows; win rate vs round 0: %s; "
-                 "timings %s", t, outcome.annotated, len(outcome.failed), outcome.rows,
-                 win if win else "n/a", {k: round(v, 1) for k, v in timings.items()})
+                 "timings %s; end of round %s (checkpoint being written)", t,
+                 outcome.annotated, len(outcome.failed), outcome.rows,
+                 win if win else "n/a", {k: round(v, 1) for k, v in timings.items()},
+                 end_of_round)
         return report
+
+    def record_checkpoints(self, wait: bool) -> None:
+        """Record the rounds whose checkpoint is now complete, oldest first (`wait`: wait for
+        all of them): their report gains the write timings and `state.json` moves on to them,
+        so `--resume` starts after the last complete one."""
+        for t in sorted(self._unrecorded):
+            info = self.trainer.wait_checkpoint(t) if wait else self.trainer.checkpoint_info(t)
+            if info is None:
+                return
+            report = self._unrecorded.pop(t)
+            report["end_of_round"].update({k: info.get(k) for k in (
+                "hf_write_s", "dcp_write_s", "storage_copy_s")})
+            report["checkpoint_complete"] = True
+            _write_json(self.run_dir / "rounds" / f"round-{t}.json", report)
+            self.state = {"completed_rounds": t + 1, "checkpoint": report["checkpoint"]}
+            _write_json(self.state_path, self.state)
+            self._publish(checkpointed_rounds=t + 1, **(
+                {"last_report": report} if t == self.next_round - 1 else {}))
+            log.info("round %d checkpoint complete (%s): %s", t, report["checkpoint"],
+                     {k: info.get(k) for k in ("hf_write_s", "dcp_write_s")})
+
+    def _tick(self, backlog: Backlog) -> None:
+        """Once per pipeline poll: the autoscaler, and (at most once a second) the record of
+        a checkpoint completed while this round samples."""
+        if self.tick is not None:
+            self.tick(backlog)
+        if self._unrecorded and time.monotonic() - self._checked_at > 1.0:
+            self._checked_at = time.monotonic()
+            self.record_checkpoints(wait=False)
 
     # ------------------------------------------------------------------ steps
 
@@ -334,7 +389,7 @@ class SelfPlay:
             self.generators, self.judges, sink=lambda rows: self._put(t, rows),
             to_rows=lambda a: rows_from_annotated(a, cfg.trainer.selection),
             generate_batch=cfg.pools.generator.batch_size,
-            judge_batch=cfg.pools.judge.batch_size, progress=progress, tick=self.tick,
+            judge_batch=cfg.pools.judge.batch_size, progress=progress, tick=self._tick,
             record=record, observe=lambda p: self._publish(progress=p))
         outcome = pipeline.run(todo)
         if writer is not None:
@@ -396,15 +451,17 @@ class SelfPlay:
         if self.generators is None:  # data.from_journal: the round's checkpoint is the result
             return {"method": "none", "reason": "no generators (data.from_journal)"}
         checkpoint = str(Path(result.checkpoint_path) / "hf")
+        # A generator that missed the weights (failed its sync, restarted) reloads the round's
+        # checkpoint, which is still being written: it waits for it.
+        written = functools.partial(self.trainer.wait_checkpoint, t)
         stats = dict(result.hand_off.stats)
         if self.sync_method == "collective":
-            # Generators that missed the sync (failed, replaced after the names were taken,
-            # restarted) reload the round's checkpoint instead.
-            self.generators.mark_synced(version, checkpoint)
+            self.generators.mark_synced(version, checkpoint, written)
             self.generators.ensure_synced()
         else:
             t0 = time.perf_counter()
-            self.generators.broadcast_buckets(result.hand_off.buckets, version, checkpoint)
+            self.generators.broadcast_buckets(result.hand_off.buckets, version, checkpoint,
+                                              written)
             stats["seconds"] = round(time.perf_counter() - t0, 4)
         versions = self.generators.versions()
         if any(v is not None and v != version for v in versions):

@@ -49,6 +49,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "reads the models' config.json only, starts nothing")
     p.add_argument("--gpus", type=int, default=PLAN_GPUS,
                    help=f"--plan: GPUs available (default {PLAN_GPUS})")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="--plan: GPUs per node, for tensor-parallel groups, which stay on one "
+                        "node (default: --gpus)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="--plan: GiB per GPU (default: run.gpu_memory_gb, else "
                         f"{PLAN_GPU_MEMORY_GB:g})")
@@ -94,8 +97,10 @@ def _looks_local(value: str) -> bool:
         Path(value).suffix in (".jsonl", ".json", ".parquet")
 
 
-def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float]) -> int:
-    """`--plan`: print the memory plan against `gpus` GPUs of `gpu_memory_gb` GiB, offline.
+def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float],
+               gpus_per_node: Optional[int] = None) -> int:
+    """`--plan`: print the memory plan against `gpus` GPUs of `gpu_memory_gb` GiB on nodes of
+    `gpus_per_node` GPUs (default: one node of all of them), offline.
     Returns 0 when every role fits, 2 (problems on stderr, each naming the fields to change)
     when one does not or the GPUs are too few."""
     memory = gpu_memory_gb or cfg.run.gpu_memory_gb or PLAN_GPU_MEMORY_GB
@@ -106,7 +111,10 @@ def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float]) -> int:
         return 2
     print(plan.format())
     # CPUs are not part of the plan: only the GPU count is checked.
-    problems = plan.problems + check_resources(cfg, {"GPU": float(gpus), "CPU": math.inf})
+    per_node = float(gpus if gpus_per_node is None else gpus_per_node)
+    problems = plan.problems + check_resources(
+        cfg, {"GPU": float(gpus), "CPU": math.inf},
+        [{"Alive": True, "Resources": {"GPU": per_node, "CPU": math.inf}}])
     if problems:
         print(f"error: this config does not fit {gpus} GPUs of {memory:g} GiB:\n  "
               + "\n  ".join(problems), file=sys.stderr)
@@ -128,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.plan:
-        return print_plan(cfg, args.gpus, args.gpu_memory_gb)
+        return print_plan(cfg, args.gpus, args.gpu_memory_gb, args.gpus_per_node)
     missing = check_paths(cfg)
     if missing:
         print(f"error: {ConfigError(missing)}", file=sys.stderr)

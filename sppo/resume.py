@@ -22,7 +22,7 @@ from sppo.journal import (JournalError, RoundJournal, annotated_of, check_finger
 from sppo.records import RoundOutcome, TrainRow
 from sppo.rows import rows_from_annotated
 
-__all__ = ["stopped_round_journal", "journal_sources", "feed_journal"]
+__all__ = ["stopped_round_journal", "set_aside_later_rounds", "journal_sources", "feed_journal"]
 
 log = logging.getLogger("sppo.driver")
 
@@ -44,6 +44,26 @@ def stopped_round_journal(run_dir: Path, t: int, expected: dict, *, resume: bool
              len(journal.rows), len(journal.files),
              f", {len(journal.skipped)} skipped" if journal.skipped else "")
     return journal
+
+
+def set_aside_later_rounds(run_dir: Path, t: int) -> list[Path]:
+    """Rename the journals of rounds after `t` (`rounds/round-<u>/`, u > t) to
+    `round-<u>.set-aside-<n>/`: a run that resumes at round t trains it again, so what a later
+    round sampled from the earlier attempt's weights is not mixed into the new one. Returns
+    the new names."""
+    moved = []
+    for d in sorted(Path(run_dir, "rounds").glob("round-*")):
+        index = d.name.removeprefix("round-")
+        if not d.is_dir() or not index.isdigit() or int(index) <= t:
+            continue
+        n = 0
+        while (target := d.with_name(f"{d.name}.set-aside-{n}")).exists():
+            n += 1
+        d.rename(target)
+        log.warning("round %s's journal %s was sampled after round %d, which is trained again: "
+                    "set aside as %s", index, d, t, target)
+        moved.append(target)
+    return moved
 
 
 def journal_sources(path: str, rounds: int) -> list[Path]:

@@ -6,7 +6,9 @@ workers started for the tests, can import them by name).
 - `engine_core_pids(actor)`: the vLLM engine-core process(es) under a live actor;
 - `free_port()`: a TCP port free on loopback right now;
 - `demo_config(tmp, *overrides)`: the embedded demo's config with a run directory and a model
-  cache under `tmp` (what every end-to-end test of the loop starts from).
+  cache under `tmp` (what every end-to-end test of the loop starts from);
+- `save_llama(out, ...)`: a randomly initialised Llama of a given shape saved as a checkpoint
+  (the trainer's load and end-of-round memory tests).
 """
 
 from __future__ import annotations
@@ -52,3 +54,19 @@ def demo_config(tmp: Path, *overrides: str):
 
     return load_config(DEMO_CONFIG, [f"run.output_dir={tmp}", f"model.cache_dir={tmp / 'cache'}",
                                      *overrides])
+
+
+def save_llama(out: Path, *, tied: bool, vocab: int, hidden: int, layers: int, dtype):
+    """A seeded random Llama (heads of 64, 2 KV heads, MLP 3 x hidden) saved to `out` in
+    `dtype`; returns its weights in float32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=2, tie_word_embeddings=tied,
+                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out)
+    return {k: v.float() for k, v in model.state_dict().items()}

@@ -33,7 +33,8 @@ class GenerationEngine(Protocol):
     """The interface `actors.generator.Generator` drives; see the HF and vLLM engines.
 
     Weights arrive three ways: a sync from the trainer's sender (`join_weight_group` once per
-    group, then `receive_weights` per sync; the buckets reach the processes that hold the
+    group, then per sync `prepare_receive` before any bucket is sent, `receive_weights`, and
+    `abort_receive` to close a sync that failed; the buckets reach the processes that hold the
     weights), a checkpoint directory (`reload_weights`), or, on the HF engine only,
     object-store buckets (`start_weight_update`, `update_weights` per bucket,
     `finish_weight_update`)."""
@@ -50,7 +51,11 @@ class GenerationEngine(Protocol):
 
     def leave_weight_group(self) -> None: ...
 
+    def prepare_receive(self, layout: dict) -> None: ...
+
     def receive_weights(self, layout: dict, version: int) -> None: ...
+
+    def abort_receive(self) -> None: ...
 
     def reload_weights(self, checkpoint_dir: str, version: int) -> None: ...
 

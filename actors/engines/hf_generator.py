@@ -194,17 +194,25 @@ class HFGenerationEngine:
     def leave_weight_group(self) -> None:
         self._receiver = None
 
-    def receive_weights(self, layout: dict, version: int) -> None:
-        """One sync from the trainer's sender: every bucket loaded in place as it arrives.
-        The layout's names and shapes are checked before anything is received."""
+    def prepare_receive(self, layout: dict) -> None:
+        """Ready for a sync of `layout` (`WeightLayout.to_wire()`): joined, and the layout's
+        names and shapes are the model's (checked before anything is received)."""
         if self._receiver is None:
-            raise RuntimeError("receive_weights before join_weight_group")
+            raise RuntimeError("a sync before join_weight_group")
         wl = WeightLayout.from_wire(layout)
         check_weights([(s.name, s) for s in wl.specs],
                       {name: tuple(t.shape) for name, t in self.model.state_dict().items()})
-        for bucket in self._receiver.receive(wl):
+
+    def receive_weights(self, layout: dict, version: int) -> None:
+        """One sync from the trainer's sender: every bucket loaded in place as it arrives
+        (if it raises, the weights are partly new: reload before serving)."""
+        self.prepare_receive(layout)
+        for bucket in self._receiver.receive(WeightLayout.from_wire(layout)):
             self.load_weights(bucket.items())
         self.finish_weight_update(version)
+
+    def abort_receive(self) -> None:
+        """Nothing to undo: buckets are copied into the live parameters as they arrive."""
 
     def start_weight_update(self) -> None:
         """Nothing to prepare: buckets are copied into the live parameters."""

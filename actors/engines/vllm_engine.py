@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 from actors.engines.vllm_worker import SPPO_BACKEND  # imports no vLLM here
@@ -160,17 +161,39 @@ class VLLMEngine:
         info = dict(address, rank_offset=int(rank_offset))
         self._rpc("init_weight_transfer_engine", init_info=info)
 
+    def start_weight_update(self) -> None:
+        """Open a sync in every worker (vLLM's `start_weight_update`: the layers go to the
+        layer-wise reload). If a worker refuses, the others' are closed again, unchanged."""
+        try:
+            self._rpc("start_weight_update")
+        except EngineDead:
+            raise
+        except Exception:
+            self.abort_weight_update()
+            raise
+
     def receive_weights(self, layout: dict, version: int) -> None:
         """Receive one sync's buckets (`WeightLayout.to_wire()`) in every worker and load
-        them in place; then the engine's weight version is `version` and cached prefixes
-        (computed by the old weights) are dropped. Call with no request running.
-
-        If it raises, the weights are partly new (vLLM's worker has already closed the
-        update): `reload_weights` before serving again."""
-        self._rpc("start_weight_update")
-        self._rpc("update_weights", update_info=layout)
-        self._rpc("finish_weight_update")
+        them in place (after `start_weight_update`); then the engine's weight version is
+        `version` and cached prefixes (computed by the old weights) are dropped. Call with no
+        request running. If it raises, every worker's update is closed
+        (`abort_weight_update`) and the weights are partly new: reload before serving."""
+        try:
+            self._rpc("update_weights", update_info=layout)
+            self._rpc("finish_weight_update")
+        except EngineDead:
+            raise
+        except Exception:
+            self.abort_weight_update()
+            raise
         self._set_version(version)
+
+    def abort_weight_update(self) -> None:
+        """Close an update in every worker, whatever state it reached (vLLM clears a failed
+        `update_weights` on the failing rank only; its tensor-parallel siblings would refuse the
+        next `start_weight_update` as "already active"): `VLLMWorkerExtension`'s
+        `sppo_abort_weight_update` on every rank."""
+        self._rpc("sppo_abort_weight_update")
 
     def reload_weights(self, checkpoint_dir: str, version: int) -> None:
         """Load a Hugging Face checkpoint directory's weights in place, in every worker."""
@@ -180,8 +203,18 @@ class VLLMEngine:
     def leave_weight_group(self) -> None:
         self._rpc("shutdown_weight_transfer_engine")
 
-    def _set_version(self, version: int) -> None:
-        self._control(self.engine.reset_prefix_cache())
+    def _set_version(self, version: int, attempts: int = 50) -> None:
+        """Adopt `version` and drop cached prefixes. `reset_prefix_cache` returns False,
+        resetting nothing, while requests still hold blocks (read in vLLM 0.33's scheduler;
+        none should run during an update, but an aborted one may still be finishing): retried
+        for a few seconds, then an error (stale prefixes would be the old weights' KV)."""
+        for _ in range(attempts):
+            if self._control(self.engine.reset_prefix_cache()) is not False:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("vLLM did not reset its prefix cache (requests still hold "
+                               "blocks): the cached prefixes are the old weights'")
         self._control(self.engine.update_weight_version(str(version)))
 
     def _rpc(self, method: str, **kwargs: Any) -> list:

@@ -124,15 +124,23 @@ class VLLMGenerationEngine:
     def leave_weight_group(self) -> None:
         self.vllm.leave_weight_group()
 
-    def receive_weights(self, layout: dict, version: int) -> None:
-        """One sync from the trainer's sender, straight into the vLLM workers. The layout is
-        checked against the checkpoint's names and shapes first, so a mismatch fails before
-        anything is loaded (and before the sender waits on this receiver)."""
+    def prepare_receive(self, layout: dict) -> None:
+        """Ready for a sync of `layout`: its names and shapes are the checkpoint's (checked
+        before anything is loaded), and every worker has opened its update."""
         if self._shapes is not None:
             check_weights([(s.name, s) for s in WeightLayout.from_wire(layout).specs],
                           self._shapes)
+        self.vllm.start_weight_update()
+
+    def receive_weights(self, layout: dict, version: int) -> None:
+        """One sync from the trainer's sender, straight into the vLLM workers (after
+        `prepare_receive`)."""
         self.vllm.receive_weights(layout, version)
         self.weight_version = version
+
+    def abort_receive(self) -> None:
+        """Close a prepared or failed sync in every worker."""
+        self.vllm.abort_weight_update()
 
     def reload_weights(self, checkpoint_dir: str, version: int) -> None:
         self.vllm.reload_weights(checkpoint_dir, version)

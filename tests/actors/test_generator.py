@@ -302,8 +302,8 @@ def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, p
     _assert_logprobs_of(after, models["other"], backend)
     assert [g.response_ids for g in after] != [g.response_ids for g in before]
 
-    # An update that does not fit the model fails before anything is loaded, and the
-    # actor, now stale, is re-synced by the pool before its next batch.
+    # An update that does not fit the model fails before anything is loaded; an HF actor,
+    # now stale, is re-synced by the pool before its next batch.
     (actor,) = pool.actors()
     bad = {"no.such.weight": np.zeros(3, np.float32)}
     if backend == "hf":  # object-store buckets: the update fails at finish
@@ -317,8 +317,11 @@ def test_update_weights_then_outputs_follow_them(ray_cluster, backend, models, p
 
         layout = WeightLayout.from_named({k: torch.zeros(3) for k in bad}.items(), 1.0)
         with pytest.raises(ValueError, match="no.such.weight"):
-            ray_cluster.get(actor.receive_weights.remote(layout.to_wire(), 8))
-    assert ray_cluster.get(actor.is_stale.remote())
+            ray_cluster.get(actor.prepare_weights.remote(layout.to_wire(), 8, 60.0))
+        # Refused before anything was opened: the weights and the engine are as they were.
+        assert not ray_cluster.get(actor.is_stale.remote())
+        assert ray_cluster.get(actor.weight_version.remote()) == 7
+    assert ray_cluster.get(actor.is_stale.remote()) == (backend == "hf")
     pool.submit(prompts)
     again = sorted(pool.drain(), key=lambda g: g.prompt.id)
     assert all(g.weight_version == 7 for g in again)

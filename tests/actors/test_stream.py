@@ -48,8 +48,8 @@ async def _drain(s: TrainStream, t: int, world: int = 2, generation: int = 1):
 def test_round_with_uneven_tail_ends_cleanly_and_counts_add_up():
     async def main():
         s = _stream()
-        gen, again = await s.attach(0)
-        assert (gen, again) == (1, False)
+        gen, resume = await s.attach()
+        assert (gen, resume) == (1, None)
         await s.begin_round(0, expected_rows=11)
         assert await s.wait_round(0) is not None
         await s.put(0, _rows(8))
@@ -74,7 +74,7 @@ def test_put_blocks_while_the_buffer_is_full_and_is_not_stalled():
     until the put is done and nothing else comes (see `stalled` below)."""
     async def main():
         s = _stream(buffer_rows=4)
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 6)
         put = asyncio.create_task(s.put(0, _rows(6)))
         await asyncio.sleep(0.05)
@@ -99,7 +99,7 @@ def test_buffer_smaller_than_a_global_batch_is_refused():
 def test_later_epochs_repeat_the_trained_rows_once_each():
     async def main():
         s = _stream(epochs=3)
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 6)
         await s.put(0, _rows(7))
         await s.end_round(0)
@@ -113,7 +113,7 @@ def test_later_epochs_repeat_the_trained_rows_once_each():
 def test_rows_that_cannot_fit_are_dropped_with_reasons():
     async def main():
         s = _stream(max_length=4, reference="sampled")
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 3)
         long = _rows(3, ref=True)  # chosen lengths 1, 2, 3 after a 2-token prompt
         await s.put(0, long + _rows(1, pair=False, ref=True))
@@ -130,14 +130,14 @@ def test_rows_that_cannot_fit_are_dropped_with_reasons():
 def test_restarted_workers_rewind_the_round_and_stale_calls_are_refused():
     async def main():
         s = _stream()
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 8)
         await s.put(0, _rows(8))
         await s.end_round(0)
         first = await asyncio.gather(s.next_step(0, 0, 0, 1), s.next_step(0, 1, 0, 1))
         await s.next_step(0, 0, 1, 1)  # rank 0 prefetched step 1, then the group died
-        gen, again = await s.attach(0)  # the new group resumes before round 0
-        assert (gen, again) == (2, False)
+        gen, resume = await s.attach()  # the new group resumes before round 0
+        assert (gen, resume) == (2, None)
         with pytest.raises(RuntimeError, match="stale"):
             await s.next_step(0, 1, 1, 1)
         steps = await _drain(s, 0, generation=2)
@@ -148,24 +148,50 @@ def test_restarted_workers_rewind_the_round_and_stale_calls_are_refused():
     asyncio.run(main())
 
 
-def test_round_done_wakes_the_driver_and_finish_stops_workers():
+def test_handed_over_wakes_the_driver_and_checkpoint_done_moves_the_resume_point():
+    """The two steps of a round's end: handed over (the driver goes on, the next round may
+    begin), then checkpointed (the resume point moves). A group that restarts in between
+    resumes from the round before and trains the round again for its checkpoint only."""
     async def main():
         s = _stream()
-        await s.attach(0)
-        await s.begin_round(0, 0)
+        await s.attach()
+        await s.begin_round(0, 8)
         waiter = asyncio.create_task(s.wait_round_done(0))
+        await s.put(0, _rows(8))
         await s.end_round(0)
-        assert await _drain(s, 0) == []  # an empty round is a clean round
+        assert len(await _drain(s, 0)) == 2
         with pytest.raises(RuntimeError, match="still running"):
             await s.begin_round(1, 0)
-        # a group that checkpointed round 0 but died before round_done must hand over again
-        assert await s.attach(1) == (2, True)
+        with pytest.raises(RuntimeError, match="before the round was handed over"):
+            await s.checkpoint_done(0, {"path": "/ckpt/round-0"})
         await s.log_step(0, {"loss": 1.0})
-        await s.round_done(RoundResult(0, {"loss_mean": 1.0}, HandOffResult(), "/ckpt/round-0"))
+        await s.handed_over(RoundResult(0, {"loss_mean": 1.0}, HandOffResult(),
+                                        "/ckpt/round-0"))
         assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
         assert await s.step_metrics(0) == [{"loss": 1.0}]
-        assert await s.attach(1) == (3, False)
-        next_round = asyncio.create_task(s.wait_round(1))
+        await s.begin_round(1, 4)  # round 1 samples while round 0's checkpoint is written
+        assert await s.checkpoint_info(0) is None
+        await s.put(1, _rows(4, start=100))
+        # The group dies while writing: the next one starts from the base model, trains round
+        # 0 again (all its rows, for its checkpoint only: no second hand-off), then round 1.
+        assert await s.attach() == (2, None)
+        spec = await s.wait_round(0)
+        assert spec.round_index == 0 and not spec.hand_off
+        assert sorted(pid for st in await _drain(s, 0, generation=2) for rank in st
+                      for pid in rank) == sorted(f"p{i}" for i in range(8))
+        assert await s.round_redone(0) == {"worker_restarts": 1, "steps_redone": 2,
+                                           "rows_redone": 8}
+        written = asyncio.create_task(s.wait_checkpoint(0))
+        await s.checkpoint_done(0, {"path": "/ckpt/round-0", "hf_write_s": 1.0})
+        assert (await asyncio.wait_for(written, 1))["worker_restarts"] == 1
+        assert (await s.wait_round(1)).hand_off
+        # Another restart now resumes from round 0's checkpoint and redoes round 1 only.
+        assert await s.attach() == (3, (0, "/ckpt/round-0"))
+        with pytest.raises(RuntimeError, match="already handed to every rank"):
+            await s.next_step(0, 0, 0, 3)  # round 0's rows are gone with its checkpoint
+        await s.end_round(1)
+        assert len(await _drain(s, 1, generation=3)) == 1
+        next_round = asyncio.create_task(s.wait_round(2))
         await asyncio.sleep(0.01)
         await s.finish()
         assert await asyncio.wait_for(next_round, 1) is None
@@ -175,7 +201,8 @@ def test_round_done_wakes_the_driver_and_finish_stops_workers():
 def test_a_trainer_expecting_another_round_than_the_driver_runs_fails_loudly():
     async def main():
         s = _stream()
-        await s.attach(2)  # resumed from round 1's checkpoint of an earlier job
+        await s.mark_done(1, "/runs/x/train/round-1")  # resumed after round 1 of an earlier job
+        assert (await s.attach())[1] == (1, "/runs/x/train/round-1")
         waiting = asyncio.create_task(s.wait_round(2))
         await s.begin_round(3, 4)  # but the driver skips a round
         with pytest.raises(RuntimeError, match="expects round 2"):
@@ -186,7 +213,7 @@ def test_a_trainer_expecting_another_round_than_the_driver_runs_fails_loudly():
 def test_abort_unblocks_producers_and_the_driver():
     async def main():
         s = _stream(buffer_rows=4)
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 6)
         put = asyncio.create_task(s.put(0, _rows(6)))
         done = asyncio.create_task(s.wait_round_done(0))
@@ -202,7 +229,7 @@ def test_ray_actor_blocks_a_producer_until_workers_take_rows(ray_cluster):
     ray = ray_cluster
     s = create_stream(world_size=2, global_batch_size=2, buffer_rows=2, epochs=1,
                       max_length=16, selection="pair", reference="frozen")
-    gen, _ = ray.get(s.attach.remote(0))
+    gen, _ = ray.get(s.attach.remote())
     ray.get(s.begin_round.remote(0, 4))
     put = s.put.remote(0, _rows(4))
     ready, _ = ray.wait([put], timeout=0.5)
@@ -219,7 +246,7 @@ def test_ray_actor_blocks_a_producer_until_workers_take_rows(ray_cluster):
 def test_restart_counts_what_was_redone_and_a_step_asked_twice_is_an_error():
     async def main():
         s = _stream()
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 8)
         await s.put(0, _rows(8))
         await s.end_round(0)
@@ -228,7 +255,7 @@ def test_restart_counts_what_was_redone_and_a_step_asked_twice_is_an_error():
             await s.next_step(0, 0, 0, 1)  # would otherwise form steps forever
         assert await s.round_redone(0) == {"worker_restarts": 0, "steps_redone": 0,
                                            "rows_redone": 0}
-        await s.attach(0)  # the group died after step 0: it is trained again
+        await s.attach()  # the group died after step 0: it is trained again
         assert await s.round_redone(0) == {"worker_restarts": 1, "steps_redone": 1,
                                            "rows_redone": 4}
         await _drain(s, 0, generation=2)
@@ -236,16 +263,13 @@ def test_restart_counts_what_was_redone_and_a_step_asked_twice_is_an_error():
     asyncio.run(main())
 
 
-def test_a_resumed_job_points_an_older_restore_at_the_last_round_done():
-    """`--resume` after round 1: the driver marks round 1 done with its checkpoint. A trainer
-    whose restore found only round 0's checkpoint (round 1's was not registered when the old
-    driver died) learns of round 1's and then waits for round 2, not round 1."""
+def test_a_resumed_job_resumes_the_trainer_from_the_round_marked_done():
+    """`--resume` after round 1: the driver marks round 1 done with its checkpoint; the
+    trainer resumes from it and waits for round 2."""
     async def main():
         s = _stream()
         await s.mark_done(1, "/runs/x/train/round-1")
-        assert await s.newer_checkpoint(1) == (1, "/runs/x/train/round-1")
-        assert await s.newer_checkpoint(2) is None  # restored round 1 itself: nothing newer
-        assert await s.attach(2) == (1, False)  # round 1 is done: nothing to hand over again
+        assert await s.attach() == (1, (1, "/runs/x/train/round-1"))
         waiter = asyncio.create_task(s.wait_round(2))
         await s.begin_round(2, 0)
         assert (await asyncio.wait_for(waiter, 1)).round_index == 2
@@ -260,7 +284,7 @@ def test_a_round_nobody_ends_is_reported_as_stalled_and_can_still_finish():
     producers' idle time); a waiter created before `end_round` is still served once it comes."""
     async def main():
         s = _stream()
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 5)
         waiter = asyncio.create_task(s.wait_round_done(0))
         await s.put(0, _rows(5))
@@ -276,7 +300,7 @@ def test_a_round_nobody_ends_is_reported_as_stalled_and_can_still_finish():
         await s.end_round(0)
         assert await s.stalled(0, idle_s=0) is None
         assert await asyncio.wait_for(asyncio.gather(*tail), 1) == [None, None]  # 1 row dropped
-        await s.round_done(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
+        await s.handed_over(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
         assert (await asyncio.wait_for(waiter, 1)).checkpoint_path == "/ckpt/round-0"
         assert await s.stalled(0, idle_s=0) is None
     asyncio.run(main())
@@ -287,7 +311,7 @@ def test_waits_for_what_can_no_longer_come_raise():
     rank 0 gets an error (or None, the end of rounds) instead of waiting forever."""
     async def main():
         s = _stream()
-        await s.attach(0)
+        await s.attach()
         await s.begin_round(0, 0)
         early = asyncio.create_task(s.sync_targets(0))  # before the driver names them: waits
         await asyncio.sleep(0.01)
@@ -296,7 +320,7 @@ def test_waits_for_what_can_no_longer_come_raise():
         waiting = asyncio.create_task(s.sync_targets(1))  # round 1: never named, never begun
         await s.end_round(0)
         await _drain(s, 0)
-        await s.round_done(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
+        await s.handed_over(RoundResult(0, {}, HandOffResult(), "/ckpt/round-0"))
         with pytest.raises(RuntimeError, match="round 0 is already done"):
             await asyncio.wait_for(s.sync_targets(0), 1)
         await s.begin_round(2, 0)  # the driver skips round 1
@@ -305,7 +329,7 @@ def test_waits_for_what_can_no_longer_come_raise():
         late = asyncio.create_task(s.sync_targets(2))
         await s.end_round(2)
         await _drain(s, 2, generation=1)
-        await s.round_done(RoundResult(2, {}, HandOffResult(), "/ckpt/round-2"))
+        await s.handed_over(RoundResult(2, {}, HandOffResult(), "/ckpt/round-2"))
         with pytest.raises(RuntimeError, match="no broadcast targets will be named for round 2"):
             await asyncio.wait_for(late, 1)
         await s.finish()

@@ -28,23 +28,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import save_llama
+
 
 LOAD_RANK = Path(__file__).with_name("load_rank.py")
 MiB = 2**20
-
-
-def _save_model(out: Path, *, tied: bool, vocab: int, hidden: int, layers: int,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=2, tie_word_embeddings=tied,
-                         max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(out)
-    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 def _run_ranks(model_dir: Path, mode: str, tmp: Path, world: int = 2) -> list[dict]:
@@ -82,7 +70,7 @@ def checkpoints(tmp_path_factory) -> dict[int, tuple[Path, dict[str, torch.Tenso
     out = {}
     for layers in (2, 16):
         path = tmp_path_factory.mktemp(f"ckpt-{layers}-layers")
-        out[layers] = path, _save_model(path, tied=False, vocab=8192, hidden=512, layers=layers,
+        out[layers] = path, save_llama(path, tied=False, vocab=8192, hidden=512, layers=layers,
                                         dtype=torch.bfloat16)
     return out
 
@@ -128,7 +116,7 @@ def test_tied_embeddings_and_rotary_buffers_come_out_right(tmp_path, mode):
     from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "tied"
-    _save_model(model_dir, tied=True, vocab=256, hidden=128, layers=2, dtype=torch.float32)
+    save_llama(model_dir, tied=True, vocab=256, hidden=128, layers=2, dtype=torch.float32)
     results = _run_ranks(model_dir, mode, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():

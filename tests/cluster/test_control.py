@@ -95,7 +95,7 @@ def _live_actor_count(pool) -> int:
 
 def _ensure_round0(job) -> None:
     """The tests between rounds need round 0 done (the first test runs it mid-scaling)."""
-    if job.state["completed_rounds"] < 1:
+    if job.next_round < 1:
         job.round(0)
 
 

@@ -47,6 +47,11 @@ def test_two_rounds_of_the_full_loop(ray_cluster, tmp_path):
             # All generators on the new weight version, received over the gloo broadcast.
             assert report["sync"]["generator_versions"] == [t + 1, t + 1]
             assert report["sync"]["method"] == "collective" and report["sync"]["receivers"] == 2
+            # The weights reached the generators first; the checkpoint is written after.
+            end = report["end_of_round"]
+            assert end["to_generators_s"] > 0 and end["gather_s"] >= 0 and end["send_s"] > 0
+            assert end["hf_write_s"] is None and not report["checkpoint_complete"]
+            job.trainer.wait_checkpoint(t, timeout_s=300)
             # The generators hold exactly the trainer's saved checkpoint ...
             hf_dir = Path(report["checkpoint"])
             saved = {}
@@ -69,12 +74,16 @@ def test_two_rounds_of_the_full_loop(ray_cluster, tmp_path):
         # The demo's judge prefers "e"-rich responses; two rounds move the policy towards them.
         win = report["win_rate_vs_round0"]
         assert win["n"] == 30 and win["mean"] > 0.5
+        job.record_checkpoints(wait=True)
         job.trainer.finish(timeout_s=300)
     finally:
         job.generators.shutdown()
         job.judges.shutdown()
     run = tmp_path / "run"
     assert json.loads((run / "state.json").read_text())["completed_rounds"] == 2
+    for t in range(2):  # each report, once its checkpoint was recorded, has the write's times
+        end = json.loads((run / "rounds" / f"round-{t}.json").read_text())["end_of_round"]
+        assert end["hf_write_s"] > 0 and end["dcp_write_s"] > 0 and end["storage_copy_s"] == 0
     assert (run / "progress.png").stat().st_size > 1000
     steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert {l["kind"] for l in steps} == {"step", "round"}

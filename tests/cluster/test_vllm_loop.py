@@ -66,9 +66,9 @@ def job(ray_cluster, tmp_path_factory, tiny_llama_dir):
 
 def _round_at_least(job, t_min: int) -> int:
     """Run clean rounds until the next one is `t_min` or later; return the next round."""
-    while job.state["completed_rounds"] < t_min:
-        job.round(job.state["completed_rounds"])
-    t = job.state["completed_rounds"]
+    while job.next_round < t_min:
+        job.round(job.next_round)
+    t = job.next_round
     assert t < job.cfg.run.rounds, "more tests than rounds"
     return t
 
