@@ -79,6 +79,11 @@ class ActorFactory:
             options["label_selector"] = selector
         return ray.remote(self._actor_cls).options(**options).remote(*self._args)
 
+    @property
+    def placement_groups(self) -> list:
+        """The placement groups made so far (one per tensor-parallel actor)."""
+        return list(self._placement_groups)
+
     def release(self) -> None:
         for pg in self._placement_groups:
             remove_placement_group(pg)

@@ -424,15 +424,18 @@ class GeneratorPool(Pool):
             self._version, self._buckets = version, None
             self._checkpoint, self._written = checkpoint_dir, written
 
-    def ensure_synced(self) -> None:
+    def ensure_synced(self) -> int:
         """Bring every live actor to the current version now (those that joined after a
-        collective broadcast named its receivers reload the checkpoint)."""
+        collective broadcast named its receivers reload the checkpoint); returns how many
+        had to be brought."""
+        brought = 0
         with self._lock:
             for actor in self._dispatcher.actors():
                 try:
-                    self._prepare(actor)
+                    brought += bool(self._prepare(actor))
                 except RayActorError as exc:  # restarted or replaced: prepared before work
                     log.warning("generator %s died while being synced: %s", actor, exc)
+        return brought
 
     def _push(self, actor: ActorHandle) -> "ray.ObjectRef":
         # One call (a threaded vLLM actor does not keep the order of separate calls); the
@@ -448,17 +451,18 @@ class GeneratorPool(Pool):
             self._written = None
         ray.get(actor.reload_weights.remote(self._checkpoint, self._version))
 
-    def _prepare(self, actor: ActorHandle) -> None:
+    def _prepare(self, actor: ActorHandle) -> bool:
+        """Bring `actor` to the current version; whether it had to be."""
         if self._user_prepare is not None:
             self._user_prepare(actor)
-            return
+            return True
         version, stale = ray.get([actor.weight_version.remote(), actor.is_stale.remote()])
         if version == self._version and not stale:
-            return
+            return False
         if self._buckets is not None:
             try:
                 ray.get(self._push(actor))
-                return
+                return True
             except RayActorError:
                 raise
             except ray.exceptions.RayError as exc:  # e.g. the buckets' owner is gone
@@ -468,7 +472,8 @@ class GeneratorPool(Pool):
                             "(%s); reloading %s", actor, self._version, exc, self._checkpoint)
         if self._checkpoint is not None:
             self._reload(actor)
-            return
+            return True
         # Before any sync: an empty update (the weights it was built with are the current
         # ones) whose finish clears the stale flag.
         ray.get(self._push(actor))
+        return True

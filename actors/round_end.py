@@ -42,12 +42,12 @@ import torch.distributed as dist
 
 from actors.sharded_model import tied_names
 from actors.weights import HandOff, HandOffResult
+from sppo.config import CHECKPOINT_CHUNK_BYTES
 
 __all__ = ["stream_weights", "write_checkpoint", "read_state", "full_state_dict",
            "checkpoint_complete", "checkpoint_dtype", "ROUND_MARKER"]
 
 ROUND_MARKER = "round.json"  # written last: the round's checkpoint is complete
-_GB = 2**30
 
 
 def _full(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -69,8 +69,9 @@ def stream_weights(model: torch.nn.Module, hand_off: Optional[HandOff], *, round
                    device: torch.device) -> tuple[Optional[HandOffResult], dict[str, Any]]:
     """Gather the model bucket by bucket and give each bucket to `hand_off` on rank 0 (other
     ranks pass the same hand-off or None: only its `layout` is used there). Returns rank 0's
-    `HandOffResult` (None elsewhere) and the timings: `gather_s` (in the gathers),
-    `send_s` (in the hand-off, rank 0), `hand_off_s` (all of it), bytes and buckets. A hand-off
+    `HandOffResult` (None elsewhere) and the timings: `gather_s` (in the gathers), `send_s`
+    (the rest: the hand-off's own work, its begin and end included, as rank 0 saw it),
+    `hand_off_s` (all of it), bytes and buckets. A hand-off
     that raises on rank 0 does not leave the other ranks in a gather: the error is raised on
     every rank after the last bucket."""
     rank0 = dist.get_rank() == 0
@@ -78,7 +79,7 @@ def stream_weights(model: torch.nn.Module, hand_off: Optional[HandOff], *, round
     state = {n: t for n, t in model.state_dict().items() if n not in skip}
     layout = hand_off.layout(state.items())
     t0 = time.perf_counter()
-    gather_s = send_s = 0.0
+    gather_s = 0.0
     error: Optional[BaseException] = None
     if rank0:
         try:
@@ -91,26 +92,23 @@ def stream_weights(model: torch.nn.Module, hand_off: Optional[HandOff], *, round
                                                layout.specs[i].torch_dtype) for i in idx}
         gather_s += time.perf_counter() - g0
         if rank0 and error is None:
-            s0 = time.perf_counter()
             try:
                 hand_off.put(b, tensors)
             except Exception as exc:
                 error = exc
-            send_s += time.perf_counter() - s0
         del tensors
     result = None
     if rank0 and error is None:
-        s0 = time.perf_counter()
         try:
             result = hand_off.end()
         except Exception as exc:
             error = exc
-        send_s += time.perf_counter() - s0
     if not _all_ok(error is None, device):
         raise RuntimeError(f"the weights' hand-off failed on rank 0: {error!r}"
                            if error else "the weights' hand-off failed on rank 0")
-    return result, {"gather_s": round(gather_s, 4), "send_s": round(send_s, 4),
-                    "hand_off_s": round(time.perf_counter() - t0, 4),
+    total = time.perf_counter() - t0
+    return result, {"gather_s": round(gather_s, 4), "send_s": round(total - gather_s, 4),
+                    "hand_off_s": round(total, 4),
                     "bytes": layout.total_bytes, "buckets": len(layout.buckets)}
 
 
@@ -164,8 +162,8 @@ def checkpoint_complete(path: Path) -> bool:
 
 def write_checkpoint(model: torch.nn.Module, out: Path, *, dtype: torch.dtype,
                      model_path: str, tokenizer: Any, marker: dict[str, Any],
-                     group: Optional[Any] = None, file_bytes: int = 2 * _GB,
-                     part_bytes: int = 2 * _GB) -> dict[str, Any]:
+                     group: Optional[Any] = None, file_bytes: int = CHECKPOINT_CHUNK_BYTES,
+                     part_bytes: int = CHECKPOINT_CHUNK_BYTES) -> dict[str, Any]:
     """Write the round's checkpoint into `out` (see the module docstring): `out/hf` in
     `dtype` with the base model's config (its dtype set to `dtype`), generation config and
     `tokenizer` (None: none); `out/state` (fp32, sharded); `out/round.json` (`marker`, by rank 0, last).

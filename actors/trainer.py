@@ -47,6 +47,7 @@ caller passes `label_selector`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -133,7 +134,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         report = _train_round(spec, policy, reference, cfg, stream, rank, generation, pad_id,
                               device, memory, load_peak)
-        end(spec, report)
+        end(spec, report, functools.partial(_complete_report, report, stream, rank, memory,
+                                            load_peak, device))
         next_round += 1
     if rank == 0:
         hand_off.close()  # e.g. the generators leave the weight group
@@ -180,13 +182,22 @@ def _train_round(spec: RoundSpec, policy, reference, cfg: TrainerConfig, stream,
                               "loss_first": losses[0] if losses else math.nan,
                               "loss_last": losses[-1] if losses else math.nan,
                               "loss_mean": sum(losses) / len(losses) if losses else math.nan}
+    return report
+
+
+def _complete_report(report: dict[str, Any], stream, rank: int, memory: HostMemory,
+                     load_peak: Optional[int], device: torch.device) -> None:
+    """Collective, after the round's weights were handed over: every rank's memory peaks
+    (the hand-off's included) and, on rank 0, the stream's counts of the round."""
+    import ray
+
+    t = report["round_index"]
     report.update(_memory_report(memory, load_peak, device))
     if rank == 0:
         counts = ray.get(stream.round_counts.remote(t))
         report.update(ray.get(stream.round_redone.remote(t)))  # after a worker-group restart
         report.update({k: v for k, v in counts.items() if k != "dropped"})
         report.update({f"dropped_{k}": v for k, v in counts["dropped"].items()})
-    return report
 
 
 def _memory_report(memory: HostMemory, load_peak: Optional[int],
@@ -221,17 +232,23 @@ class _RoundEnd:
         self.fault_hook = fault_hook or (lambda stage, round_index, rank: None)
         self.dtype = checkpoint_dtype(model_path)
 
-    def __call__(self, spec: RoundSpec, report: dict[str, Any]) -> None:
+    def __call__(self, spec: RoundSpec, report: dict[str, Any],
+                 complete_report: Callable[[], None]) -> None:
+        """`complete_report()` (collective) finishes the round's report once the weights are
+        handed over: the generators do not wait for it."""
         import ray
 
         t = spec.round_index
         out = self.root / f"round-{t}"
+        result = None
         if spec.hand_off:
             result, timings = stream_weights(self.policy, self.hand_off, round_index=t,
                                              device=self.device)
-            if self.rank == 0:
-                report["end_of_round"] = timings
-                ray.get(self.stream.handed_over.remote(RoundResult(t, report, result, str(out))))
+            # Wall clock: on the collective path every healthy generator holds t+1 now.
+            report["end_of_round"] = {**timings, "handed_over_at": time.time()}
+        complete_report()
+        if spec.hand_off and self.rank == 0:
+            ray.get(self.stream.handed_over.remote(RoundResult(t, report, result, str(out))))
         self.fault_hook("handed_over", t, self.rank)
         timings = write_checkpoint(self.policy, out, dtype=self.dtype,
                                    model_path=self.model_path, tokenizer=self.tokenizer,

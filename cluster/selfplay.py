@@ -278,14 +278,11 @@ class SelfPlay:
             self._end_stream(t)
             with self._step("train", timings):
                 result = self.trainer.wait_round_done(t)
-            # The round before's checkpoint is complete once this round is handed over.
-            self.record_checkpoints(wait=False)
             with self._step("sync", timings):
-                sync = self._sync(t, result)
-        end_of_round = {**result.report.get("end_of_round", {}),
-                        "to_generators_s": round(time.time() - result.report["last_step_at"], 3)
-                        if "last_step_at" in result.report else None,
-                        "hf_write_s": None, "dcp_write_s": None, "storage_copy_s": None}
+                sync, generators_at, driver_send_s = self._sync(t, result)
+        # The round before's checkpoint is complete once this round is handed over.
+        self.record_checkpoints(wait=False)
+        end_of_round = self._end_of_round(result, generators_at, driver_send_s)
         with self._step("metrics", timings):
             steps = ray.get(self.stream.step_metrics.remote(t))
             self._log_metrics(t, steps)
@@ -446,23 +443,29 @@ class SelfPlay:
                   if c.autoscale]
         return PipelineAutoscaler(scaled) if scaled else None
 
-    def _sync(self, t: int, result: RoundResult) -> dict:
+    def _sync(self, t: int, result: RoundResult) -> tuple[dict, Optional[float], float]:
+        """Every generator to version t+1: (the report's sync figures, the wall-clock time at
+        which every live generator held it, None without generators; the seconds the driver
+        spent sending: the object-store broadcast)."""
         version = t + 1
         if self.generators is None:  # data.from_journal: the round's checkpoint is the result
-            return {"method": "none", "reason": "no generators (data.from_journal)"}
+            return {"method": "none", "reason": "no generators (data.from_journal)"}, None, 0.0
         checkpoint = str(Path(result.checkpoint_path) / "hf")
         # A generator that missed the weights (failed its sync, restarted) reloads the round's
         # checkpoint, which is still being written: it waits for it.
         written = functools.partial(self.trainer.wait_checkpoint, t)
-        stats = dict(result.hand_off.stats)
+        stats, driver_send_s = dict(result.hand_off.stats), 0.0
         if self.sync_method == "collective":
             self.generators.mark_synced(version, checkpoint, written)
-            self.generators.ensure_synced()
+            # Those the sync reached held t+1 when the trainer's hand-off ended.
+            at = time.time() if self.generators.ensure_synced() else \
+                result.report.get("end_of_round", {}).get("handed_over_at", time.time())
         else:
             t0 = time.perf_counter()
             self.generators.broadcast_buckets(result.hand_off.buckets, version, checkpoint,
                                               written)
-            stats["seconds"] = round(time.perf_counter() - t0, 4)
+            at, driver_send_s = time.time(), time.perf_counter() - t0
+            stats["seconds"] = round(driver_send_s, 4)
         versions = self.generators.versions()
         if any(v is not None and v != version for v in versions):
             raise RuntimeError(f"after round {t} the generators hold weight versions "
@@ -471,7 +474,24 @@ class SelfPlay:
         # A generator restarting now (its process or engine died) holds no weights worth
         # naming: it is synced to `version` before its next batch (it refuses work until).
         stats["restarting"] = sum(v is None for v in versions)
-        return stats
+        return stats, at, driver_send_s
+
+    @staticmethod
+    def _end_of_round(result: RoundResult, generators_at: Optional[float],
+                      driver_send_s: float) -> dict:
+        """The report's split of the end of the round (the write's figures come with the
+        checkpoint, `record_checkpoints`): `gather_s` (trainer ranks gathering buckets from
+        their shards), `send_s` (the rest of the hand-off, plus the driver's object-store
+        broadcast), `to_generators_s` (from the last optimizer step to every generator at
+        t+1; wall clocks of two processes, on one machine or NTP-synced nodes)."""
+        end = dict(result.report.get("end_of_round", {}))
+        end.pop("handed_over_at", None)
+        if "send_s" in end:
+            end["send_s"] = round(end["send_s"] + driver_send_s, 4)
+        last = result.report.get("last_step_at")
+        end["to_generators_s"] = round(generators_at - last, 4) \
+            if generators_at is not None and last is not None else None
+        return {**end, "hf_write_s": None, "dcp_write_s": None, "storage_copy_s": None}
 
     # ------------------------------------------------------------------ output
 

@@ -55,6 +55,10 @@ __all__ = [
 # the package.
 DEFAULT_JUDGE_TEMPLATE = Path(__file__).resolve().parent / "templates" / "pairwise.jinja"
 
+# The round checkpoint's Hugging Face files and training-state parts are at most this big
+# (`actors.round_end.write_checkpoint`); the plan's host RAM at the end of a round depends on it.
+CHECKPOINT_CHUNK_BYTES = 2 * 2**30
+
 # Keys renamed since a config could have named them: the error names the new key.
 RENAMED = {"data.annotated": "data.from_journal"}
 
@@ -287,6 +291,10 @@ class RunConfig:
     # unchecked (a warning) when that is unknown. `--plan` uses it when --gpu-memory-gb is
     # not given.
     gpu_memory_gb: Optional[float] = None
+    # GiB of host RAM on each trainer node, for the plan's host check (the load and the end of a
+    # round, `sppo.plan_host`); null: Ray's memory of the trainer nodes at launch, unchecked
+    # by `--plan`.
+    trainer_node_memory_gb: Optional[float] = None
     # The round journal (`sppo.journal`): every prompt's record, appended as Parquet chunks of
     # `journal_chunk_prompts` prompts (or what arrived within `journal_flush_s` seconds) under
     # rounds/round-<t>/; `--resume` reuses a stopped round's journal instead of redoing it.

@@ -194,6 +194,8 @@ def _run(cfg: Config, out: _Problems) -> None:
     need(r.log_every > 0, "run.log_every", r.log_every, "must be > 0")
     need(r.gpu_memory_gb is None or r.gpu_memory_gb > 0, "run.gpu_memory_gb", r.gpu_memory_gb,
          "must be > 0 or null")
+    need(r.trainer_node_memory_gb is None or r.trainer_node_memory_gb > 0,
+         "run.trainer_node_memory_gb", r.trainer_node_memory_gb, "must be > 0 or null")
     need(r.journal_chunk_prompts > 0, "run.journal_chunk_prompts", r.journal_chunk_prompts,
          "must be > 0")
     need(r.journal_flush_s > 0, "run.journal_flush_s", r.journal_flush_s, "must be > 0")

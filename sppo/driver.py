@@ -6,7 +6,9 @@ cluster (local paths, a run directory that already holds a run) and hands over t
 The one module of `sppo/` that imports upward (`cluster`).
 
 `--plan` prints the memory plan per role instead, offline, against `--gpus` GPUs of
-`--gpu-memory-gb` GiB (defaults: 8, and `run.gpu_memory_gb` or 80), and starts nothing.
+`--gpu-memory-gb` GiB on nodes of `--gpus-per-node` (defaults: 8, `run.gpu_memory_gb` or 80,
+and one node of all of them), the trainer nodes' host RAM (checked against
+`run.trainer_node_memory_gb` when set) and the run directory's disk, and starts nothing.
 
 With no arguments it runs the embedded demo, `configs/demo.yaml`. Exit codes: 0 done (or the
 plan fits), 2 bad config, data or resources (nothing was started), 1 the run failed.
@@ -104,17 +106,17 @@ def print_plan(cfg: Config, gpus: int, gpu_memory_gb: Optional[float],
     Returns 0 when every role fits, 2 (problems on stderr, each naming the fields to change)
     when one does not or the GPUs are too few."""
     memory = gpu_memory_gb or cfg.run.gpu_memory_gb or PLAN_GPU_MEMORY_GB
+    per_node = gpus if gpus_per_node is None else gpus_per_node
     try:
-        plan = build_plan(cfg, memory)
+        plan = build_plan(cfg, memory, ranks_per_node=per_node if cfg.trainer.use_gpu else None)
     except ModelConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(plan.format())
     # CPUs are not part of the plan: only the GPU count is checked.
-    per_node = float(gpus if gpus_per_node is None else gpus_per_node)
     problems = plan.problems + check_resources(
         cfg, {"GPU": float(gpus), "CPU": math.inf},
-        [{"Alive": True, "Resources": {"GPU": per_node, "CPU": math.inf}}])
+        [{"Alive": True, "Resources": {"GPU": float(per_node), "CPU": math.inf}}])
     if problems:
         print(f"error: this config does not fit {gpus} GPUs of {memory:g} GiB:\n  "
               + "\n  ".join(problems), file=sys.stderr)

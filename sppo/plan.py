@@ -43,8 +43,8 @@ q = heads x head_dim, V vocabulary):
 - PairRM or reward-model judge: weights + one layer's tensors for `judge.batch_size` packed
   pairs of `source_max_length + 2 x candidate_max_length` tokens, T x (7h + I) x dtype bytes
   (PairRM's engine attends a few heads of one pair at a time: no T^2 term worth counting);
-- host RAM at load: a trainer rank holds its fp32 shard, the checkpoint file's pages of that
-  shard (mmap) and one tensor's read buffer; a vLLM worker streams tensors (one at a time); an
+- host RAM at load: a trainer rank (`sppo.plan_host`, with the trainer nodes' RAM at the end of a
+  round and the run directory's disk); a vLLM worker streams tensors (one at a time); an
   HF generator holds its weights; llm-blender builds the ranker in fp32 and loads its fp32
   state dict (2 x 4 bytes per parameter).
 
@@ -62,6 +62,7 @@ from typing import Optional
 
 from sppo.config import DEFAULT_JUDGE_TEMPLATE, Config, GeneratorConfig, JudgeConfig, PoolConfig
 from sppo.model_facts import ModelFacts, judge_facts, load_model_config, model_facts
+from sppo.plan_host import TrainerHost, trainer_host
 
 __all__ = ["GIB", "ACCELERATOR_MEMORY_GIB", "Role", "Plan", "build_plan", "activation_bytes",
            "gpu_memory_gib", "gpu_roles"]
@@ -160,12 +161,6 @@ def _trainer(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
          f"(on: {_fmt(act_on)}, off: {_fmt(act_off)})", act),
         ("logits", f"3 fp32 copies of {tokens} x {m.vocab}", 12.0 * tokens * m.vocab)]
     _margin(role)
-    # Its fp32 shard, the checkpoint's pages of that shard (read through mmap: resident while
-    # loading, though the kernel may reclaim them) and one tensor's read buffer. Measured by
-    # bench/train.py on CPU: within a few % of each rank's peak (a 125M Llama, fp32 file).
-    role.host_load = (4 + m.checkpoint_dtype_bytes) * p / n + 4 * m.vocab * m.hidden
-    role.notes.append(f"host RAM at load per rank: {_fmt(role.host_load)} (its fp32 shard, the "
-                      "checkpoint's pages of it, the largest tensor)")
     if t.use_gpu and memory is not None:
         role.available = memory
         if role.total > memory:
@@ -369,10 +364,11 @@ class Plan:
     models: list[ModelFacts]
     roles: list[Role]
     memory_note: str
+    host: TrainerHost
 
     @property
     def problems(self) -> list[str]:
-        return [p for r in self.roles for p in r.problems]
+        return [p for r in self.roles for p in r.problems] + self.host.problems
 
     def format(self) -> str:
         on_gpu = any(r.on_gpu for r in self.roles)
@@ -400,13 +396,18 @@ class Plan:
                            f"{_fmt(load * r.processes):>10}")
         out.append(f"  {'together':<12} {_fmt(total):>10} (one node's when the roles share "
                    "one, as in the shipped configs)")
-        return "\n".join(out)
+        return "\n".join(out + [""] + self.host.lines(_fmt))
 
 
-def build_plan(cfg: Config, gpu_memory: "float | dict[str, Optional[float]] | None") -> Plan:
+def build_plan(cfg: Config, gpu_memory: "float | dict[str, Optional[float]] | None", *,
+               ranks_per_node: Optional[int] = None, node_memory_gb: Optional[float] = None,
+               disk_free: Optional[float] = None) -> Plan:
     """The plan for `cfg` with `gpu_memory` GiB per GPU (one figure, or one per role; None:
-    unknown, nothing on a GPU is checked). Raises ModelConfigError when a model's config.json
-    cannot be read."""
+    unknown, nothing on a GPU is checked), `ranks_per_node` trainer ranks per node (default:
+    8 GPUs per node on GPUs, all ranks on one node on CPU), `node_memory_gb` GiB of host RAM per
+    trainer node (default `run.trainer_node_memory_gb`; None: not checked) and `disk_free`
+    bytes free in `run.output_dir` (None: not checked). Raises ModelConfigError when a
+    model's config.json cannot be read."""
     per_role = gpu_memory if isinstance(gpu_memory, dict) else \
         {r: gpu_memory for r in ("trainer", "generator", "judge")}
 
@@ -417,7 +418,18 @@ def build_plan(cfg: Config, gpu_memory: "float | dict[str, Optional[float]] | No
     config, source = load_model_config(cfg.model.path, "model.path", cfg.model.cache_dir)
     policy = model_facts(config, cfg.model.path, source, "model.path")
     judge = judge_facts(cfg)
-    roles = [_trainer(cfg, policy, mem("trainer")), _generator(cfg, policy, mem("generator"))]
+    trainer = _trainer(cfg, policy, mem("trainer"))
+    n = cfg.trainer.num_workers
+    k = min(n, ranks_per_node or (8 if cfg.trainer.use_gpu else n))
+    node_gb = node_memory_gb if node_memory_gb is not None else cfg.run.trainer_node_memory_gb
+    host = trainer_host(cfg, policy, training=trainer.total, ranks_per_node=k,
+                        node_memory=None if node_gb is None else node_gb * GIB,
+                        disk_free=disk_free, fmt=_fmt)
+    trainer.host_load = host.load
+    trainer.notes.append(f"host RAM at load per rank: {_fmt(host.load)} (the checkpoint's "
+                         "pages of its shard, the largest tensor"
+                         + (")" if cfg.trainer.use_gpu else ", its fp32 shard)"))
+    roles = [trainer, _generator(cfg, policy, mem("generator"))]
     if judge is not None:
         roles.append(_judge(cfg, judge, mem("judge")))
     else:
@@ -427,7 +439,7 @@ def build_plan(cfg: Config, gpu_memory: "float | dict[str, Optional[float]] | No
     known = {v for v in per_role.values() if v is not None}
     note = ("GPU memory unknown" if not known else
             "GPUs of " + ", ".join(f"{v:g}" for v in sorted(known)) + " GiB")
-    return Plan([policy] + ([judge] if judge else []), roles, note)
+    return Plan([policy] + ([judge] if judge else []), roles, note, host)
 
 
 def gpu_roles(cfg: Config) -> list[str]:

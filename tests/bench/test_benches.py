@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import HAS_VLLM
+
 REPO = Path(__file__).resolve().parents[2]
 NUM = r"\d+(\.\d+)?"
 
@@ -88,6 +90,11 @@ OPTIONAL = {
 }
 
 
+def _available(package: str) -> bool:
+    """Installed, and for vLLM able to start an engine here (`vllm_runs_here`)."""
+    return HAS_VLLM if package == "vllm" else importlib.util.find_spec(package) is not None
+
+
 TIMEOUT_S = 600
 CONCURRENT = 3
 
@@ -140,7 +147,7 @@ class SmokeRuns:
 
 def _runnable(bench: str) -> list[str]:
     """The packages `bench` needs that are not installed."""
-    return [m for m in BENCHES[bench][0] if importlib.util.find_spec(m) is None]
+    return [m for m in BENCHES[bench][0] if not _available(m)]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +169,7 @@ def test_bench_smoke_runs_and_prints_its_figures(bench, request):
         pytest.skip(f"bench/{bench}.py needs {', '.join(missing)}, not installed")
     if bench in OPTIONAL:
         package, lines, instead = OPTIONAL[bench]
-        figures = figures + (lines if importlib.util.find_spec(package) else [instead])
+        figures = figures + (lines if _available(package) else [instead])
     rc, out, seconds = request.getfixturevalue("smoke_runs").result(bench)
     if rc is None:
         pytest.fail(f"bench/{bench}.py --smoke still running after {TIMEOUT_S} s:\n"

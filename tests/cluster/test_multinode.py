@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -197,13 +198,16 @@ def role_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(cluster: RoleCluster, out_dir: Path) -> tuple[str, str]:
-    """`ray job submit` of the demo; returns (submission id, the job's output)."""
+def _submit(cluster: RoleCluster, out_dir: Path,
+            entrypoint: Optional[list[str]] = None) -> tuple[str, str]:
+    """`ray job submit` of the demo (or of `entrypoint`); returns (submission id, the job's
+    output)."""
+    entrypoint = entrypoint or ["python", "-m", "sppo.driver", *DRIVER_ARGS,
+                                f"run.output_dir={out_dir}", f"model.cache_dir={out_dir / 'cache'}"]
     for _ in range(10):
         submission_id = f"sppo-multinode-{secrets.token_hex(4)}"
         cmd = ["job", "submit", "--address", cluster.address, "--submission-id", submission_id,
-               "--working-dir", str(REPO), "--", "python", "-m", "sppo.driver", *DRIVER_ARGS,
-               f"run.output_dir={out_dir}", f"model.cache_dir={out_dir / 'cache'}"]
+               "--working-dir", str(REPO), "--", *entrypoint]
         try:  # ~80 s here; a submission that hangs fails the test instead of stalling it
             job = cluster.ray(*cmd, timeout=480)
         except subprocess.TimeoutExpired as exc:
@@ -265,6 +269,19 @@ def test_demo_job_runs_each_role_on_its_own_node(role_cluster, tmp_path):
         sync = report["sync"]
         assert sync["method"] == "collective" and sync["receivers"] == 1
         assert sync["generator_versions"] == [t + 1]
+
+    # Tensor parallelism on one node (CPUs stand in for GPUs: TP=2 at one CPU per rank): the
+    # generator nodes have 2 CPUs and take the whole group on one node; the judge nodes have 1
+    # each, so a group there is never placed (STRICT_PACK, where PACK would have spread it) and
+    # the resource check refuses it before anything starts.
+    _, log = _submit(cluster, tmp_path, ["python", "tests/cluster/tp_placement_probe.py"])
+    (line,) = [l for l in log.splitlines() if l.startswith("TP_PROBE ")]
+    probe = json.loads(line.removeprefix("TP_PROBE "))
+    assert probe["generator"] == {"placed": True, "bundle_roles": ["generator", "generator"]}
+    assert probe["judge"]["placed"] is False, probe
+    assert probe["problems"][0].startswith(
+        "pools.judge.tensor_parallel_size 2 needs 2 CPUs on one node (its ranks are placed "
+        "together) but the largest of the nodes labelled role=judge has 1"), probe
 
 
 def test_ray_dials_the_machine_address_for_a_loopback_one():

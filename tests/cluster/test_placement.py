@@ -190,6 +190,9 @@ def test_tensor_parallel_llm_judges_count_one_gpu_per_rank():
     one = cfg(judge={"backend": "llm"},
               pools={"judge": {"replicas": 1, "tensor_parallel_size": 2, "num_gpus": 1}})
     assert check_resources(one, {"CPU": 60.0, "GPU": 2.0}, labelled_cluster(gen_gpus=0)) == [
+        "pools.judge.tensor_parallel_size 2 needs 2 GPUs on one node (its ranks are placed "
+        "together) but the largest of the nodes labelled role=judge has 1: lower "
+        "pools.judge.tensor_parallel_size to <= 1, or add nodes with more GPUs",
         "pools.judge asks for 1 x 2 GPUs (tensor_parallel_size 2) = 2 GPUs but the nodes "
         "labelled role=judge have 1"]
     # On CPU: num_cpus per rank.
@@ -198,6 +201,33 @@ def test_tensor_parallel_llm_judges_count_one_gpu_per_rank():
     assert check_resources(cpu, {"CPU": 5.0}) == [
         "pools.judge asks for 1 x 6 CPUs (num_cpus 3 x tensor_parallel_size 2) = 6 CPUs but "
         "the cluster has 5"]
+
+
+def test_a_tensor_parallel_group_must_fit_one_node():
+    """A TP group's ranks go on one node (STRICT_PACK): on nodes of 1 GPU each a TP=2 pool is
+    refused however many such nodes there are; a node of 2 GPUs takes it."""
+    c = cfg(pools={"generator": {"replicas": 1, "tensor_parallel_size": 2, "num_gpus": 1}})
+
+    def nodes(*gpus):
+        return [{"Alive": True, "Labels": {}, "Resources": {"CPU": 8.0, "GPU": float(g)}}
+                for g in gpus]
+
+    assert check_resources(c, {"CPU": 32.0, "GPU": 4.0}, nodes(1, 1, 1, 1)) == [
+        "pools.generator.tensor_parallel_size 2 needs 2 GPUs on one node (its ranks are placed "
+        "together) but the largest of the nodes has 1: lower "
+        "pools.generator.tensor_parallel_size to <= 1, or add nodes with more GPUs"]
+    assert check_resources(c, {"CPU": 16.0, "GPU": 3.0}, nodes(1, 2)) == []
+
+
+def test_plan_refuses_a_tensor_parallel_size_above_the_gpus_per_node(capsys):
+    from sppo.driver import main
+
+    args = ["--plan", "--config", str(REPO / "configs" / "llama3-8b-llm-judge.yaml"),
+            "pools.generator.tensor_parallel_size=2"]
+    assert main(args + ["--gpus", "16", "--gpus-per-node", "1"]) == 2
+    assert "pools.generator.tensor_parallel_size 2 needs 2 GPUs on one node" in \
+        capsys.readouterr().err
+    assert main(args + ["--gpus", "16", "--gpus-per-node", "8"]) == 0
 
 
 def test_labelled_cluster_is_checked_role_by_role():

