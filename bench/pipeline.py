@@ -53,25 +53,33 @@ def sequential_round(job: SelfPlay, t: int, shard) -> dict:
     rows = [r for a in judged for r in rows_from_annotated(a, job.cfg.trainer.selection)]
     for i in range(0, len(rows), job.cfg.trainer.global_batch_size):
         ray.get(job.stream.put.remote(t, rows[i:i + job.cfg.trainer.global_batch_size]))
-    with job.generators.hold_resizes():  # as in SelfPlay.round
-        job._end_stream(t)
+    with job.generators.hold_resizes():  # as in SelfPlay.round: name the receivers, end, sync
+        if job.sync_method == "collective":
+            ray.get(job.stream.set_sync_targets.remote(t, job.generators.actors()))
+        ray.get(job.stream.end_round.remote(t))
         result = job.trainer.wait_round_done(t)
         stages["train"] = time.perf_counter() - t2
-        job._sync(t, result)
+        checkpoint = str(Path(result.checkpoint_path) / "hf")
+        written = lambda: job.trainer.wait_checkpoint(t)  # noqa: E731
+        if job.sync_method == "collective":
+            job.generators.mark_synced(t + 1, checkpoint, written)
+            job.generators.ensure_synced()
+        else:
+            job.generators.broadcast_buckets(result.hand_off.buckets, t + 1, checkpoint, written)
+    job.trainer.wait_checkpoint(t)
     stages["round"] = time.perf_counter() - t0
     return stages
 
 
-def streaming_round(job: SelfPlay, t: int, shard) -> dict:
+def streaming_round(job: SelfPlay, t: int) -> dict:
+    """`SelfPlay.round` itself: its report's end of the round with it."""
     t0 = time.perf_counter()
-    outcome, _ = job._stream_round(t, shard)  # (outcome, the journal's files)
-    # As SelfPlay.round: end the stream's round (the trainer ranks wait in next_step for its
-    # end; the broadcast's receivers are named first), wait, sync; no pool resize meanwhile.
-    with job.generators.hold_resizes():
-        job._end_stream(t)
-        job._sync(t, job.trainer.wait_round_done(t))
-    return {"round": time.perf_counter() - t0, "generate_busy": outcome.generate_busy_s,
-            "judge_busy": outcome.judge_busy_s}
+    report = job.round(t)
+    outcome = report["prompts"]
+    end = report["end_of_round"]
+    return {"round": time.perf_counter() - t0, "generate_busy": outcome["generate_busy_s"],
+            "judge_busy": outcome["judge_busy_s"], "gather": end["gather_s"],
+            "send": end["send_s"], "to_generators": end["to_generators_s"]}
 
 
 def bench_rounds(rounds: int, prompts: int, out_dir: str) -> None:
@@ -85,11 +93,12 @@ def bench_rounds(rounds: int, prompts: int, out_dir: str) -> None:
         for t in range(rounds):
             shard = job.split.shards[t]
             if t % 2 == 0:
-                stream_t.append(streaming_round(job, t, shard))
+                stream_t.append(streaming_round(job, t))
                 print(f"round {t} streaming : {stream_t[-1]}")
             else:
                 seq.append(sequential_round(job, t, shard))
                 print(f"round {t} sequential: {seq[-1]}")
+        job.record_checkpoints(wait=True)
         job.trainer.finish(timeout_s=300)
     finally:
         job.generators.shutdown()
@@ -106,6 +115,11 @@ def bench_rounds(rounds: int, prompts: int, out_dir: str) -> None:
     print(f"slowest stage busy time  {slowest:7.2f} s")
     print(f"streaming / slowest stage = {streaming / slowest:.2f}x  (target <= 1.25x)")
     print(f"sequential / streaming    = {sequential / streaming:.2f}x")
+    ends = stream_t[1:] or stream_t
+    to_gen = sum(s["to_generators"] for s in ends) / len(ends)
+    moved = sum(s["gather"] + s["send"] for s in ends) / len(ends)
+    print(f"end of round: last step to every generator at t+1 {to_gen:.3f} s, gather + send "
+          f"{moved:.3f} s: {to_gen / moved:.2f}x (target <= 1.2x; the checkpoint is written after)")
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
 
 Each way runs its ranks as fresh processes (tests/actors/round_end_rank.py: the sharded model
 filled from a bf16 checkpoint, every shard moved as training would, then the end of the round),
-so each rank's peak host memory over the end of the round is its own:
+so each rank's peak host memory over the end of the round is its own (the modules the end of
+the round imports are imported before it is measured: a run imports them once):
 - full gather (before issue 22): rank 0 gathers the whole model in fp32, writes
   `save_pretrained` from it, every rank writes its training state, then rank 0 hands the
   weights over;
@@ -14,9 +15,11 @@ so each rank's peak host memory over the end of the round is its own:
 
 The hand-off's receiver keeps one checksum per tensor (it stands in for the generators: the
 transports are `bench/weights.py`'s). Figures: each rank's peak over the end of the round in
-units of (the model's fp32 bytes / world size: one rank's share of the master weights), the time
-from the end of training to the weights handed over ("to t+1": the generators' wait), and the
-checkpoint's write time.
+units of (the model's fp32 bytes / world size: one rank's share of the master weights), until
+the weights were handed over and over the whole end of the round (the write included: its
+peak counts the file pages the writer and the consolidation map, which the kernel can reclaim),
+the time from the end of training to the weights handed over ("to t+1": the generators' wait),
+and the checkpoint's write time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def run_ranks(model: str, mode: str, out: Path, world: int, chunk_mb: float) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, str(RANK), str(r), str(world), str(port), model,
-                               mode, str(out), str(chunk_mb)],
+                               mode, str(out), str(chunk_mb), "warm"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     try:
@@ -90,11 +93,13 @@ def main() -> None:
               f"{share / 2**20:.0f} MiB")
         results = {mode: run_ranks(model, mode, Path(tmp) / mode, args.world, args.chunk_mb)
                    for mode in ("full_gather", "streamed")}
-    print(f"{'':<12} {'rank':>4} {'peak / share':>13} {'to t+1 s':>9} {'write s':>8}")
+    print(f"{'':<12} {'rank':>4} {'peak until t+1':>15} {'peak':>6} {'to t+1 s':>9} "
+          f"{'write s':>8}   (peaks / share)")
     for mode, ranks in results.items():
         for r in ranks:
-            print(f"{mode:<12} {r['rank']:>4} {r['peak_increase'] / share:>13.2f} "
-                  f"{r['to_generators_s']:>9.2f} {r['write_s']:>8.2f}")
+            print(f"{mode:<12} {r['rank']:>4} {r['peak_to_generators'] / share:>15.2f} "
+                  f"{r['peak_increase'] / share:>6.2f} {r['to_generators_s']:>9.2f} "
+                  f"{r['write_s']:>8.2f}")
     old, new = results["full_gather"], results["streamed"]
     print(f"streamed / full gather: rank 0 peak {new[0]['peak_increase'] / old[0]['peak_increase']:.2f}x, "
           f"time to t+1 {new[0]['to_generators_s'] / old[0]['to_generators_s']:.2f}x, "

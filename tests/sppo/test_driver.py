@@ -75,3 +75,27 @@ def test_pool_larger_than_the_cluster_is_refused(ray_cluster, tmp_path, capsys):
     assert main([f"run.output_dir={tmp_path}", "pools.generator.num_gpus=1"]) == 2
     assert "pools.generator" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_relative_output_dir_in_a_ray_job_working_dir_is_named(tmp_path, caplog):
+    """Under `ray job submit --working-dir`, the driver runs in Ray's unpacked copy of the
+    working directory: a relative run.output_dir lands there. One node: a warning naming where
+    the files go; several nodes: refused, naming the field (the others cannot see it). An
+    absolute output_dir, or a driver outside such a copy, passes silently."""
+    from cluster.launch import check_output_dir, in_ray_job_working_dir
+    from sppo.config import load_config
+    from sppo.driver import DEMO_CONFIG
+
+    pkg = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    pkg.mkdir(parents=True)
+    assert in_ray_job_working_dir(pkg) and not in_ray_job_working_dir(tmp_path)
+    relative = load_config(DEMO_CONFIG, ["run.output_dir=runs"])
+    one, two = [{"Alive": True}], [{"Alive": True}, {"Alive": True}]
+    with caplog.at_level("WARNING", logger="sppo.driver"):
+        assert check_output_dir(relative, one, cwd=pkg) == []
+    assert f"go to {pkg / 'runs'}" in caplog.text
+    (problem,) = check_output_dir(relative, two, cwd=pkg)
+    assert problem.startswith("run.output_dir 'runs' is relative") and "/mnt/shared" in problem
+    absolute = load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path / 'runs'}"])
+    assert check_output_dir(absolute, two, cwd=pkg) == []
+    assert check_output_dir(relative, two, cwd=tmp_path) == []

@@ -301,6 +301,7 @@ def test_driver_refuses_before_any_actor(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cluster.launch, "connect_ray", lambda cfg: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(node["Resources"]))
     monkeypatch.setattr(ray, "nodes", lambda: [node])
+    monkeypatch.setattr(cluster.launch, "check_gpu_nodes", lambda nodes: [])  # no Ray here
 
     def no_actors(*args, **kwargs):
         raise AssertionError("the driver went on to start the job")
@@ -308,5 +309,42 @@ def test_driver_refuses_before_any_actor(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cluster.launch, "SelfPlay", no_actors)
     assert main(["--config", str(MISTRAL), LLAMA_70B, f"run.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "does not fit the cluster's GPU memory" in err and "trainer.num_workers" in err
+    assert "does not fit the cluster (GPU memory" in err and "trainer.num_workers" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_the_end_of_a_round_on_the_trainer_nodes_host_ram_and_disk():
+    """The trainer nodes' host RAM at the load and at the end of a round, and the disk, by
+    hand: Llama-3.1-70B (70.6B parameters, bf16 checkpoint, vocab 128256 x 8192) on the Mistral
+    config's 4 trainer ranks, all in one 256 GiB pod: each rank reads 2P/4 of checkpoint pages
+    and a 4 x V x h buffer at load; the end of a round adds at most the consolidation's one
+    embedding read and written (2 x 2 x V x h), no shard and no model. It fits, where the full
+    gather it replaced (4P + 2P on rank 0) would not."""
+    cfg = load_config(MISTRAL, [LLAMA_70B, "run.trainer_node_memory_gb=256"])
+    plan = build_plan(cfg, 80.0, ranks_per_node=4)
+    host, m = plan.host, plan.models[0]
+    p, vh = m.params, m.vocab * m.hidden
+    assert host.load == pytest.approx(2 * p / 4 + 4 * vh)
+    assert host.end_of_round == pytest.approx(2 * 2 * vh)
+    assert host.node_load == pytest.approx(4 * host.load) and host.node_load < 256 * GIB
+    assert host.full_gather == pytest.approx(6 * p) and host.full_gather > 256 * GIB
+    assert not host.problems
+    text = plan.format()
+    assert "end of round" in text and "256.0 GiB per node: fits" in text
+    assert host.disk_round == pytest.approx(6 * p) and host.disk_writing == pytest.approx(8 * p)
+    # A 128 GiB pod holds the end of a round but not the load of 4 such shards at once.
+    small = build_plan(load_config(MISTRAL, [LLAMA_70B, "run.trainer_node_memory_gb=128"]),
+                       80.0, ranks_per_node=4)
+    (problem,) = small.host.problems
+    assert problem.startswith("trainer: each trainer node needs 147.1 GiB of host RAM at the "
+                              "load (4 ranks x 36.8 GiB), 128.0 GiB available")
+    # Too little disk for one round's checkpoint names run.output_dir.
+    tight = build_plan(cfg, 80.0, ranks_per_node=4, disk_free=100 * GIB)
+    assert tight.host.problems[0].startswith("run.output_dir: one round's checkpoint needs")
+
+
+def test_plan_prints_the_end_of_round_on_the_mistral_config(capsys):
+    assert main(["--plan", "--config", str(MISTRAL)]) == 0
+    out = capsys.readouterr().out
+    assert "trainer host RAM per node" in out and "end of round" in out
+    assert "disk in run.output_dir" in out

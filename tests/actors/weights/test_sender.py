@@ -167,15 +167,17 @@ def test_a_generator_that_cannot_take_the_weights_fails_alone_and_at_once(ray_cl
     state = _state(models["other"])
     try:
         actors = [good.actors()[0], odd.actors()[0]]
-        t0 = time.monotonic()
         stats = _sync(hand_off, stream, actors, state, 0)
-        assert time.monotonic() - t0 < 30
+        assert stats["seconds"] < 30, stats
         assert stats["versions"] == [1, None]
         (failure,) = stats["failed"]
         assert failure["actor"] == actors[1]._actor_id.hex()
         assert "ValueError" in failure["error"] and "shape" in failure["error"]
         _holds(actors[0], state)
-        assert ray.get(actors[1].is_stale.remote())  # re-synced by its pool before work
+        # Refused before anything was opened: its weights and version are as they were (its
+        # pool reloads the round's checkpoint into it before work: its version is behind).
+        assert ray.get(actors[1].weight_version.remote()) == 0
+        assert not ray.get(actors[1].is_stale.remote())
         # The group is rebuilt for the next sync; without the odd one it is back to normal.
         stats = _sync(hand_off, stream, actors[:1], state, 1)
         assert stats["versions"] == [2] and stats["failed"] == []
@@ -195,9 +197,8 @@ def test_a_generator_killed_mid_sync_fails_alone_and_the_next_sync_reaches_it(ra
     try:
         victim = pool.actors()[1]
         hand_off = KillDuringSync(stream, pid=_pid(victim), bucket_mb=0.05, timeout_s=60)
-        t0 = time.monotonic()
         stats = _sync(hand_off, stream, pool, state, 0)
-        assert time.monotonic() - t0 < 30
+        assert stats["seconds"] < 30, stats
         assert stats["versions"] == [1, None] and stats["buckets"] > 2
         (failure,) = stats["failed"]
         assert failure["actor"] == victim._actor_id.hex(), failure
@@ -220,14 +221,14 @@ def test_a_generator_that_never_joins_is_left_behind_within_the_timeout(ray_clus
     state = _state(models["other"])
     try:
         busy = pool.actors()[1]
-        blocked = busy.__ray_call__.remote(lambda self: time.sleep(12))
-        hand_off = CollectiveHandOff(stream, bucket_mb=0.05, timeout_s=4)
-        t0 = time.monotonic()
+        ray.get([a.weight_version.remote() for a in pool.actors()])  # both started
+        blocked = busy.__ray_call__.remote(lambda self: time.sleep(20))
+        hand_off = CollectiveHandOff(stream, bucket_mb=0.05, timeout_s=6)
         stats = _sync(hand_off, stream, pool, state, 0)
-        assert time.monotonic() - t0 < 30
-        assert stats["versions"] == [1, None]
+        assert stats["seconds"] < 30, stats
+        assert stats["versions"] == [1, None], stats
         (failure,) = stats["failed"]
-        assert failure["actor"] == busy._actor_id.hex() and "4 s" in failure["error"], failure
+        assert failure["actor"] == busy._actor_id.hex() and "6 s" in failure["error"], failure
         _holds(pool.actors()[0], state)
         ray.get(blocked)
         hand_off.timeout_s = 60
@@ -294,9 +295,8 @@ def test_tensor_parallel_vllm_generator_samples_and_receives_in_every_rank(ray_c
         # transfer state gone); the sync returns naming it, and the next one reaches it.
         (worker,) = [c for c in _workers(actor) if "TP1" in c[1]]
         killer = KillDuringSync(stream, pid=worker[0], bucket_mb=0.05, timeout_s=60)
-        t0 = time.monotonic()
         stats = _sync(killer, stream, pool, _state(models["base"]), 1)
-        assert time.monotonic() - t0 < 30, stats
+        assert stats["seconds"] < 30, stats
         assert stats["versions"] == [None] and len(stats["failed"]) == 1, stats
         killer.close()
         _answers(actor)
