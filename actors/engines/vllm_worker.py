@@ -4,7 +4,9 @@ vLLM resolves our `worker_extension_cls` (`VLLMWorkerExtension`, this module) in
 before the worker loads its model, and builds the worker's weight-transfer engine from
 `weight_transfer_config.backend` while loading it (`Worker.load_model` ->
 `WeightTransferEngineFactory.create_engine`; vLLM 0.32 CPU run here, same code read in 0.33).
-So importing this module inside a worker registers `SPPO_BACKEND` with that factory in time,
+So importing this module inside a worker registers `SPPO_BACKEND` with that factory in time
+(if vLLM is imported first: a script that builds an engine in its own process must not import
+this module at its top, since vLLM's spawned workers import the script again; seen here),
 and the engine exists in each worker, i.e. in each tensor-parallel rank: the trainer's buckets
 land there, never in the process that drives the engine and never as `collective_rpc`
 arguments (those carry only the group address and the bucket layout, as plain lists).

@@ -275,7 +275,9 @@ def test_demo_job_runs_each_role_on_its_own_node(role_cluster, tmp_path):
     # each, so a group there is never placed (STRICT_PACK, where PACK would have spread it) and
     # the resource check refuses it before anything starts.
     _, log = _submit(cluster, tmp_path, ["python", "tests/cluster/tp_placement_probe.py"])
-    (line,) = [l for l in log.splitlines() if l.startswith("TP_PROBE ")]
+    lines = [l for l in log.splitlines() if l.startswith("TP_PROBE ")]
+    assert len(lines) == 1, f"the probe job printed no TP_PROBE line:\n{log[-4000:]}"
+    line = lines[0]
     probe = json.loads(line.removeprefix("TP_PROBE "))
     assert probe["generator"] == {"placed": True, "bundle_roles": ["generator", "generator"]}
     assert probe["judge"]["placed"] is False, probe

@@ -7,8 +7,14 @@ roles, and the resource check's problems.
 """
 
 import json
+import sys
+from pathlib import Path
 
 import ray
+
+# This checkout's packages, whatever the interpreter has installed (run as a script, its own
+# folder comes first on the path, not the working directory).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from actors.factory import ActorFactory
 from cluster.placement import check_resources
@@ -34,8 +40,8 @@ def main() -> None:
         ready, _ = ray.wait([pg.ready()], timeout=20)
         table = ray.util.placement_group_table(pg)
         out[role] = {"placed": bool(ready),
-                     "bundle_roles": sorted(role_of.get(n) for n in
-                                            table["bundles_to_node_id"].values())}
+                     "bundle_roles": sorted(str(role_of.get(n)) for n in
+                                            table["bundles_to_node_id"].values() if n)}
         factory.release()
     cfg = load_config(DEMO_CONFIG, ["pools.generator.tensor_parallel_size=2",
                                     "pools.generator.num_cpus=1",

@@ -362,27 +362,26 @@ def test_driver_killed_mid_round_resumes_from_its_journal(own_cluster, tmp_path)
     assert main([*args, "run.name=b"]) == 2
 
     # B's driver stopped twice over, as a kill can leave a run: round 0's checkpoint complete
-    # but not recorded (state.json still says 0), and round 1's checkpoint cut short mid-write
-    # (no round.json) while round 2 had begun sampling (a journal of round 2 exists). The
-    # resumed run adopts round 0 (not redone), trains round 1 again from its complete journal
-    # (nothing sampled or judged) for its checkpoint, sets round 2's early journal aside and
-    # runs round 2 afresh.
+    # but not recorded (state.json still says 0), round 1's checkpoint cut short mid-write (no
+    # round.json), and a later round's journal begun (rounds/round-2/: a copy of round 1's, as
+    # a run of more rounds leaves one). The resumed run adopts round 0 (not redone), trains
+    # round 1 again from its complete journal (nothing sampled or judged) for its checkpoint,
+    # and sets the later round's journal aside (it was sampled from weights trained again).
     first = (b / "rounds" / "round-0.json").read_text()
     (b / "state.json").write_text(json.dumps({"completed_rounds": 0, "checkpoint": None}))
     (b / "train" / "round-1" / "round.json").unlink()
     shutil.copytree(b / "rounds" / "round-1", b / "rounds" / "round-2")
-    text = _wait(own_cluster.driver(["--resume", str(b), "run.rounds=3"], tmp_path / "b3.log"),
+    text = _wait(own_cluster.driver(["--resume", str(b)], tmp_path / "b3.log"),
                  tmp_path / "b3.log")
-    assert "round 0 was trained and checkpointed" in text and "round 1/3" not in text
-    assert "round 2/3: 16 prompts (16 from the stopped round's journal, 0 to generate" in text
+    assert "round 0 was trained and checkpointed" in text and "round 1/2" not in text
+    assert "round 2/2: 16 prompts (16 from the stopped round's journal, 0 to generate" in text
     state = json.loads((b / "state.json").read_text())
-    assert state["completed_rounds"] == 3 and state["checkpoint"].endswith("round-2/hf")
+    assert state["completed_rounds"] == 2 and state["checkpoint"].endswith("round-1/hf")
     redone = json.loads((b / "rounds" / "round-1.json").read_text())
     assert (redone["prompts"]["from_journal"], redone["prompts"]["generated"]) == (16, 0)
     assert redone["checkpoint_complete"] and (b / "train" / "round-1" / "round.json").is_file()
     assert (b / "rounds" / "round-2.set-aside-0").is_dir()
-    third = json.loads((b / "rounds" / "round-2.json").read_text())
-    assert third["prompts"]["generated"] == 16 and third["sync"]["generator_versions"] == [3]
+    assert not (b / "rounds" / "round-2").exists()
     assert (b / "rounds" / "round-0.json").read_text() == first  # not redone
 
     # C: trained from A's journal, nothing sampled or judged: A's weights.
