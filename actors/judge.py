@@ -13,7 +13,8 @@
   `counters()` (the engine's, e.g. the LLM judge's truncated responses). An LLM judge whose
   vLLM engine core died ends its process so that Ray restarts it with a new engine.
 - `make_engine_factory` / `make_judge_factory`: the only place where `judge.backend` picks an
-  engine class (`PairRMEngine`, `RewardModelEngine`, `LLMJudgeEngine`, `PythonJudgeEngine`);
+  engine class (`PairRMEngine`, `RewardModelEngine`, `LLMJudgeEngine`, `GPMEngine`,
+  `PythonJudgeEngine`);
   actor resources come from `pools.judge` through `.options()`, the nodes from the caller's
   `label_selector`. An LLM judge is a threaded actor (its vLLM engine batches concurrent
   calls) and, with `tensor_parallel_size` > 1, gets a placement group with one bundle per
@@ -37,6 +38,7 @@ import ray
 from ray.actor import ActorHandle
 
 from actors.dispatch import ActorDispatcher
+from actors.engines.gpm import GPMEngine
 from actors.engines.llm_judge import LLMJudgeEngine  # does not import vLLM
 from actors.engines.pairrm import PairRMEngine  # imports llm-blender only when built
 from actors.engines.python_judge import PythonJudgeEngine
@@ -169,13 +171,17 @@ def make_engine_factory(cfg: JudgeConfig, *, device: Optional[str] = None,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
             enforce_eager=cfg.enforce_eager, max_model_len=cfg.max_model_len)
+    if cfg.backend == "gpm":
+        return functools.partial(
+            GPMEngine, resolve_model_path(cfg.model_path or ""), max_length=cfg.max_length,
+            max_batch_tokens=cfg.max_batch_tokens, tau=cfg.tau, dtype=cfg.dtype, device=device)
     if tensor_parallel_size > 1:
         raise ValueError(f"pools.judge.tensor_parallel_size > 1 needs judge.backend 'llm' "
                          f"(got {cfg.backend!r})")
     if cfg.backend == "python":
         return functools.partial(PythonJudgeEngine, cfg.function, returns=cfg.function_returns)
-    raise ValueError(f"judge.backend must be 'pairrm', 'reward_model', 'llm' or 'python', "
-                     f"got {cfg.backend!r}")
+    raise ValueError(f"judge.backend must be 'pairrm', 'reward_model', 'llm', 'gpm' or "
+                     f"'python', got {cfg.backend!r}")
 
 
 def make_judge_factory(cfg: JudgeConfig, pool: PoolConfig, *,

@@ -41,6 +41,15 @@ likely answers at every position and every verdict is read from the top-20 log-p
 trained judge.
 
     .venv/bin/python bench/judge.py --backends llm   # the LLM judge only
+
+GPM (`--backends gpm`): `GPMEngine` (a General Preference Model: one forward row per response,
+P from a skew-symmetric form of the K embeddings) against the batched PairRM engine (one row
+per ordered pair) at the same width and depth (`--hidden`, `--layers`; a random tiny Llama
+GPM and the tiny DeBERTa PairRM), on the same prompts and responses: entries of P per second at
+K = 5, and the time per prompt at each of `--gpm-k` (3, 5, 8), where pairwise judging grows as
+K(K-1) and GPM as K.
+
+    .venv/bin/python bench/judge.py --backends gpm
 """
 
 from __future__ import annotations
@@ -84,8 +93,14 @@ def print_rates(times: dict[str, list[float]], pairs: int, baseline: str) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backends", nargs="+", choices=["pairrm", "llm"], default=["pairrm", "llm"],
-                    help="which judges to time (llm: skipped with a note where vLLM is missing)")
+    ap.add_argument("--backends", nargs="+", choices=["pairrm", "llm", "gpm"],
+                    default=["pairrm", "llm", "gpm"],
+                    help="which judges to time (llm: skipped with a note where vLLM is missing; "
+                         "gpm: against batched PairRM at the same width and depth)")
+    ap.add_argument("--gpm-k", type=int, nargs="+", default=[3, 5, 8],
+                    help="gpm: the K values timed (the first figure is at K=5 when given)")
+    ap.add_argument("--gpm-prompts", type=int, default=4)
+    ap.add_argument("--gpm-batch-tokens", type=int, default=16384)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[8],
@@ -115,12 +130,14 @@ def main(argv: list[str] | None = None) -> None:
                         prompt_words=(10, 30), response_words=(10, 30), repeats=1,
                         llm_prompts=1, llm_k=3, llm_hidden=64, llm_layers=1,
                         llm_prompt_words=(5, 15), llm_response_words=(5, 40),
-                        llm_max_response_tokens=16)
+                        llm_max_response_tokens=16, gpm_prompts=1, gpm_k=[3, 5])
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if "pairrm" in args.backends:
         pairrm_bench(args)
+    if "gpm" in args.backends:
+        gpm_bench(args)
     if "llm" in args.backends:
         from actors.engines.vllm_engine import vllm_runs_here
 
@@ -216,6 +233,59 @@ def pairrm_bench(args: argparse.Namespace) -> None:
               f"(|logit| up to {ref.abs().max():.2f}); P direct max |diff| "
               f"{(pairwise_probs(got) - pairwise_probs(ref)).abs().max():.3f}, bt_scores P "
               f"{(bt_probs(got) - bt_probs(ref)).abs().max():.3f}")
+
+
+def gpm_bench(args: argparse.Namespace) -> None:
+    """GPM (one row per response) against batched PairRM (one row per ordered pair) at the
+    same width and depth on the same prompts: entries of P per second at K=5, and the time per
+    prompt as K grows."""
+    from actors.engines.gpm import GPMEngine
+    from actors.engines.pairrm import PairRMEngine
+    from sppo.tiny_gpm import TinyGPMSpec, ensure_tiny_gpm
+    from sppo.tiny_pairrm import TinyPairRMSpec, ensure_tiny_pairrm
+
+    heads = max(2, args.hidden // 64)
+    spec = TinyPairRMSpec(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                          num_hidden_layers=args.layers, num_attention_heads=heads)
+    tiny = ensure_tiny_pairrm(args.cache_dir, spec)
+    pairrm = PairRMEngine(str(tiny.ranker_dir), backbone=str(tiny.backbone_dir),
+                          device=args.device, dtype="float32", batch_size=args.batch_size[0])
+    backbone = TinySpec(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                        num_hidden_layers=args.layers, num_attention_heads=heads,
+                        num_key_value_heads=heads, max_position_embeddings=4096, seed=3)
+    gpm = GPMEngine(str(ensure_tiny_gpm(args.cache_dir, TinyGPMSpec(backbone=backbone))),
+                    max_length=4096, max_batch_tokens=args.gpm_batch_tokens, dtype="float32",
+                    device=args.device)
+    judges = {f"batched PairRMEngine(batch_size={args.batch_size[0]})": pairrm,
+              f"GPMEngine(max_batch_tokens={args.gpm_batch_tokens})": gpm}
+    rng = random.Random(1)
+    per_prompt: dict[int, dict[str, float]] = {}
+    for k in args.gpm_k:
+        prompts = texts(rng, args.gpm_prompts, *args.prompt_words)
+        cands = [texts(rng, k, *args.response_words) for _ in prompts]
+        for eng in judges.values():  # warm up on a short input
+            eng.logits([prompts[0][:100]], [[c[:100] for c in cands[0][:2]]])
+        times: dict[str, list[float]] = {name: [] for name in judges}
+        for _ in range(args.repeats):
+            for name, eng in judges.items():
+                start = time.perf_counter()
+                eng.logits(prompts, cands)
+                times[name].append(time.perf_counter() - start)
+        per_prompt[k] = {n: statistics.median(ts) / len(prompts) for n, ts in times.items()}
+        if k == 5 or (5 not in args.gpm_k and k == args.gpm_k[0]):
+            print(f"GPM vs batched PairRM: hidden={args.hidden} layers={args.layers} (the same "
+                  f"for both), {len(prompts)} prompts x K={k} -> {len(prompts) * k * (k - 1)} "
+                  f"entries of P per run; prompt words {tuple(args.prompt_words)}, response "
+                  f"words {tuple(args.response_words)}; {args.repeats} interleaved repeats")
+            print_rates(times, len(prompts) * k * (k - 1), baseline=next(iter(judges)))
+    names = list(judges)
+    print("  time per prompt as K grows (s):   K   PairRM (K(K-1) rows)   GPM (K rows)")
+    for k, t in per_prompt.items():
+        print(f"  {'':<34}{k:>2}   {t[names[0]]:>20.4f}   {t[names[1]]:>12.4f}")
+    lo, hi = min(per_prompt), max(per_prompt)
+    print(f"  K={lo} -> {hi}: PairRM x{per_prompt[hi][names[0]] / per_prompt[lo][names[0]]:.1f} "
+          f"(rows x{hi * (hi - 1) / (lo * (lo - 1)):.1f}), GPM "
+          f"x{per_prompt[hi][names[1]] / per_prompt[lo][names[1]]:.1f} (rows x{hi / lo:.1f})")
 
 
 def llm_judge_model(cache_dir: str, hidden: int, layers: int) -> str:

@@ -148,10 +148,12 @@ class JudgeConfig:
     optional local `backbone`; `reward_model`: a sequence-classification RM at `model_path`;
     `llm`: an instruction-tuned LLM at `model_path` on vLLM, asked a pairwise question
     (`template`) and read from its verdict tokens' log-probs (`actors/engines/llm_judge.py`;
-    tensor parallelism from `pools.judge.tensor_parallel_size`); `python`: `function` is a
-    dotted path `module:callable` or `module.callable`."""
+    tensor parallelism from `pools.judge.tensor_parallel_size`); `gpm`: a General Preference
+    Model checkpoint at `model_path` (`actors/engines/gpm.py`: each response embedded once,
+    K passes per prompt, P from a skew-symmetric form, so cyclic preferences are kept);
+    `python`: `function` is a dotted path `module:callable` or `module.callable`."""
 
-    backend: Literal["pairrm", "reward_model", "llm", "python"] = "python"
+    backend: Literal["pairrm", "reward_model", "llm", "gpm", "python"] = "python"
     model_path: Optional[str] = None
     backbone: Optional[str] = None
     function: Optional[str] = "sppo.demo_judge:prefers_more_e"
@@ -177,6 +179,13 @@ class JudgeConfig:
     kv_cache_gb: Optional[float] = None
     enforce_eager: bool = False
     max_model_len: Optional[int] = None
+    # gpm only. A (prompt, response) row is cut to max_length tokens at its end (counted), as
+    # the published recipe does (4096); rows sorted by length are packed up to max_batch_tokens
+    # padded tokens per forward pass; P(i beats j) = sigmoid(score / tau), tau the training
+    # temperature (0.1 for the published checkpoints).
+    max_length: int = 4096
+    max_batch_tokens: int = 16384
+    tau: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,11 @@ def _judge(cfg: Config, out: _Problems) -> None:
              "must be > 0")
     out.need(j.candidate_max_length > 0, "judge.candidate_max_length", j.candidate_max_length,
              "must be > 0")
+    if j.backend == "gpm":
+        out.need(j.max_length > 1, "judge.max_length", j.max_length, "must be > 1")
+        out.need(j.max_batch_tokens >= j.max_length, "judge.max_batch_tokens",
+                 j.max_batch_tokens, f"must hold one row of judge.max_length ({j.max_length})")
+        out.need(j.tau > 0, "judge.tau", j.tau, "must be > 0")
     if j.backend != "llm":
         out.need(cfg.pools.judge.tensor_parallel_size == 1, "pools.judge.tensor_parallel_size",
                  cfg.pools.judge.tensor_parallel_size, "must be 1 unless judge.backend is 'llm'")

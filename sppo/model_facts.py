@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from sppo.config import Config
 from sppo.tiny import TinySpec
+from sppo.tiny_gpm import TinyGPMSpec
 
 __all__ = ["MODELS_DIR", "PAIRRM_BACKBONE", "ModelConfigError", "ModelFacts", "load_model_config",
            "count_params", "model_facts", "judge_facts"]
@@ -47,10 +48,14 @@ def load_model_config(value: str, field_name: str, cache_dir: str = "~/.cache/sp
                       ) -> tuple[dict[str, Any], str]:
     """(config.json as a dict, where it was read) for a model named by `value`."""
     if value.startswith("builtin:"):
-        if value != "builtin:tiny-llama":
+        if value not in ("builtin:tiny-llama", "builtin:tiny-gpm"):
             raise ModelConfigError(field_name, f"unknown builtin model {value!r}")
-        spec = TinySpec()  # ensure_tiny_llama's cache layout, read without building anything
-        built = Path(cache_dir).expanduser() / f"tiny-llama-{spec.key()}" / "config.json"
+        # The cache layout of ensure_tiny_llama / ensure_tiny_gpm, read without building
+        # anything (the tiny GPM is the tiny Llama's shape with two small heads).
+        gpm = TinyGPMSpec() if value == "builtin:tiny-gpm" else None
+        spec = gpm.backbone if gpm else TinySpec()
+        built = Path(cache_dir).expanduser() / (f"tiny-gpm-{gpm.key()}" if gpm else
+                                                f"tiny-llama-{spec.key()}") / "config.json"
         if built.is_file():
             return json.loads(built.read_text()), str(built)
         # Not built yet: the spec (its vocab_size is the tokenizer's target size).
@@ -200,13 +205,13 @@ def judge_facts(cfg: Config) -> Optional[ModelFacts]:
     """The judge's model (None for a Python judge). An LLM judge is its causal LM as it is.
     A PairRM ranker's config.json names its backbone (`judge.backbone` overrides it); the
     checkpoint adds the collator's prefix rows to the embeddings and a scoring head. A reward
-    model counts as its architecture's model (for a causal-LM backbone that includes an
-    lm_head it does not have: an upper bound)."""
+    model or a GPM counts as its architecture's model (for a causal-LM backbone that includes
+    an lm_head it does not run: an upper bound)."""
     j = cfg.judge
     if j.backend == "python":
         return None
     config, source = load_model_config(j.model_path, "judge.model_path", cfg.model.cache_dir)
-    if j.backend in ("llm", "reward_model"):
+    if j.backend in ("llm", "reward_model", "gpm"):  # a GPM's heads: a few hidden-size rows
         return model_facts(config, j.model_path, source, "judge.model_path")
     if j.backend != "pairrm":
         raise ModelConfigError("judge.backend", f"{j.backend!r}: the plan cannot size its model")

@@ -42,7 +42,8 @@ q = heads x head_dim, V vocabulary):
   Jinja file at ~3 characters a token + 64 for the chat template) + 1 for an LLM judge;
 - PairRM or reward-model judge: weights + one layer's tensors for `judge.batch_size` packed
   pairs of `source_max_length + 2 x candidate_max_length` tokens, T x (7h + I) x dtype bytes
-  (PairRM's engine attends a few heads of one pair at a time: no T^2 term worth counting);
+  (PairRM's engine attends a few heads of one pair at a time: no T^2 term worth counting); a
+  GPM judge the same for `judge.max_batch_tokens` tokens of (prompt, response) rows;
 - host RAM at load: a trainer rank (`sppo.plan_host`, with the trainer nodes' RAM at the end of a
   round and the run directory's disk); a vLLM worker streams tensors (one at a time); an
   HF generator holds its weights; llm-blender builds the ranker in fp32 and loads its fp32
@@ -295,14 +296,17 @@ def _judge(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
     on_gpu = pool.num_gpus > 0
     dtype = j.dtype if j.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     d = _DTYPE_BYTES[dtype]
-    length = j.source_max_length + 2 * j.candidate_max_length
-    tokens = j.batch_size * length
+    if j.backend == "gpm":  # one row per response, packed up to a token budget
+        tokens, what = j.max_batch_tokens, f"judge.max_batch_tokens {j.max_batch_tokens} tokens"
+    else:  # one row per ordered pair
+        length = j.source_max_length + 2 * j.candidate_max_length
+        tokens, what = j.batch_size * length, f"judge.batch_size {j.batch_size} x {length} tokens"
     role = Role("judge", f"judge: {pool.replicas} x {j.backend} (pools.judge.replicas), "
                 f"{'GPU' if on_gpu else 'CPU'}, {dtype}", on_gpu=on_gpu,
                 processes=pool.replicas)
     role.lines += [("weights", dtype, m.params * d),
-                   ("activations", f"one layer, judge.batch_size {j.batch_size} x {length} "
-                    "tokens", tokens * (7 * m.hidden + m.intermediate) * d)]
+                   ("activations", f"one layer, {what}",
+                    tokens * (7 * m.hidden + m.intermediate) * d)]
     _margin(role)
     role.host_load = 2 * 4 * m.params if j.backend == "pairrm" else m.params * d
     if on_gpu and memory is not None:
@@ -310,7 +314,8 @@ def _judge(cfg: Config, m: ModelFacts, memory: Optional[float]) -> Role:
         if role.total > role.available:
             role.problems.append(
                 f"judge: needs {_fmt(role.total)} per GPU, {_fmt(role.available)} available: "
-                "lower judge.batch_size, set judge.dtype=bfloat16 or raise pools.judge.num_gpus")
+                f"lower judge.{'max_batch_tokens' if j.backend == 'gpm' else 'batch_size'}, "
+                "set judge.dtype=bfloat16 or raise pools.judge.num_gpus")
     return role
 
 

@@ -160,12 +160,22 @@ def ensure_tiny_llama(cache_dir: str | Path = "~/.cache/sppo-ray",
     return out
 
 
+BUILTIN_MODELS = ("tiny-llama", "tiny-gpm")
+
+
 def resolve_model_path(path: str, cache_dir: str = "~/.cache/sppo-ray") -> str:
-    """Map `builtin:tiny-llama` to its cached directory; other paths pass through unchanged."""
+    """Map `builtin:tiny-llama` (and `builtin:tiny-gpm`, the tiny preference model of
+    `sppo.tiny_gpm`) to its cached directory; other paths pass through unchanged."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        if name != "tiny-llama":
-            raise ValueError(f"unknown builtin model {path!r}; known: 'builtin:tiny-llama'")
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {path!r}; known: "
+                             + ", ".join(f"'builtin:{n}'" for n in BUILTIN_MODELS))
+        if name == "tiny-gpm":
+            # Here, not at the top: sppo.tiny_gpm builds on this module.
+            from sppo.tiny_gpm import ensure_tiny_gpm
+
+            return str(ensure_tiny_gpm(cache_dir))
         return str(ensure_tiny_llama(cache_dir))
     return path
 

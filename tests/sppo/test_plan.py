@@ -30,6 +30,7 @@ MISTRAL = REPO / "configs" / "mistral7b-ultrafeedback.yaml"
 LLAMA3 = REPO / "configs" / "llama3-8b-ultrafeedback.yaml"
 DEMO = REPO / "configs" / "demo.yaml"
 LLM_JUDGE = REPO / "configs" / "llama3-8b-llm-judge.yaml"
+GPM = REPO / "configs" / "llama3-8b-gpm.yaml"
 LLAMA_70B = "model.path=meta-llama/Llama-3.1-70B-Instruct"
 P_MISTRAL = 7_241_732_096  # tests/sppo/test_model_facts.py
 P_LLAMA3_8B = 8_030_261_248  # Llama-3.1-8B-Instruct too
@@ -55,7 +56,8 @@ def _driver(*args: str) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- --plan
 
 
-@pytest.mark.parametrize("config", [MISTRAL, LLAMA3, LLM_JUDGE, DEMO], ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [MISTRAL, LLAMA3, LLM_JUDGE, GPM, DEMO],
+                         ids=lambda p: p.stem)
 def test_shipped_configs_plan_offline(config):
     out = _driver("--plan", "--config", str(config))
     assert out.returncode == 0, out.stderr
@@ -348,3 +350,15 @@ def test_plan_prints_the_end_of_round_on_the_mistral_config(capsys):
     out = capsys.readouterr().out
     assert "trainer host RAM per node" in out and "end of round" in out
     assert "disk in run.output_dir" in out
+
+
+def test_gpm_judge_by_hand():
+    """GPM-Llama-3.1-8B (its config.json: the Llama-3.1-8B backbone's) in bf16: the weights,
+    and one layer's tensors for the token budget of (prompt, response) rows; a budget too
+    large for the GPU names judge.max_batch_tokens."""
+    judge = _role(_plan(GPM), "judge")
+    h, i = 4096, 14336
+    assert _line(judge, "weights") == P_LLAMA3_8B * 2
+    assert _line(judge, "activations") == 32768 * (7 * h + i) * 2
+    (problem,) = _plan(GPM, "judge.max_batch_tokens=1000000", gib=40.0).problems[-1:]
+    assert problem.startswith("judge: needs") and "lower judge.max_batch_tokens" in problem
